@@ -1,0 +1,41 @@
+# Two commands matter: `make demo` (set up, run the demo) and `make test` (set up, lint, run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test test-all lint bench zoo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build (2.13.0); the extra keeps pip from pulling a CUDA build.
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's package; needed by the tests and the zoo, not by the demo.
+data:
+	@test -f $(FMNIST) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: setup
+	$(BIN)/compress --demo
+
+lint: setup
+	$(BIN)/ruff check compressor passes backends tests benchmarks
+
+test: setup data lint
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-all: setup data
+	$(BIN)/python -m pytest -q
+
+zoo: setup data
+	$(BIN)/python -m benchmarks.zoo demo
+
+clean:
+	rm -rf build dist *.egg-info compressor-demo .pytest_cache

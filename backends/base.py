@@ -1,0 +1,65 @@
+"""The backend interface: lower an IR model and run it on onnxruntime.
+
+A backend owns the execution providers and the lowering (what the model must
+look like to run fastest there). Passes never import backends; the pipeline
+context only names one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor import ir as cir
+from compressor import metrics, runtime
+
+
+class Backend(abc.ABC):
+    """One onnxruntime target: its providers and its lowering."""
+
+    name: str = "backend"
+    providers: tuple[str, ...] = ()
+
+    def __init__(self, threads: int = runtime.DEFAULT_THREADS) -> None:
+        self.threads = threads
+        self.check_available()
+
+    def check_available(self) -> None:  # noqa: B027 - optional hook, most backends always run
+        """Raise `BackendUnavailableError` if this backend cannot run here."""
+
+    @abc.abstractmethod
+    def lower(self, model: ir.Model) -> onnx.ModelProto:
+        """The ONNX model this backend should execute for ``model``."""
+
+    def session(self, model: ir.Model | onnx.ModelProto, *, spinning: bool = True) -> ort.InferenceSession:
+        """An inference session with this backend's providers and thread count."""
+        proto = self.lower(model) if isinstance(model, ir.Model) else model
+        options = runtime.session_options(self.threads, spinning=spinning)
+        return runtime.make_session(proto, self.providers, options)
+
+    def run(self, session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run ``session`` on ``feeds`` (extra feeds are ignored)."""
+        return runtime.run(session, feeds)
+
+    def latency(
+        self,
+        models: Sequence[ir.Model | onnx.ModelProto],
+        feeds: Mapping[str, np.ndarray],
+        runs: int = 20,
+    ) -> list[metrics.Latency]:
+        """Median latency of each model, measured interleaved with spinning off."""
+        sessions = [self.session(m, spinning=False) for m in models]
+        return metrics.interleaved_latency(sessions, feeds, runs=runs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threads={self.threads})"
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Plain serialisation, the lowering of an fp32 model."""
+    return cir.to_proto(model)

@@ -1,0 +1,41 @@
+"""onnxruntime on an NVIDIA GPU (CUDAExecutionProvider, TensorRT first where present).
+
+Needs the ``onnxruntime-gpu`` build (``pip install 'compressor[gpu]'``) and a
+visible GPU; otherwise construction fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor.backends.base import Backend, to_proto
+from compressor.errors import BackendUnavailableError
+
+
+class OnnxruntimeCUDA(Backend):
+    """CUDAExecutionProvider, with CPU fallback for ops CUDA lacks."""
+
+    name = "cuda"
+
+    @property
+    def providers(self) -> tuple[str, ...]:  # type: ignore[override]
+        available = ort.get_available_providers()
+        preferred = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+        return tuple(p for p in preferred if p in available and (p != "TensorrtExecutionProvider" or self.tensorrt))
+
+    def __init__(self, threads: int = 2, tensorrt: bool = False) -> None:
+        self.tensorrt = tensorrt
+        super().__init__(threads)
+
+    def check_available(self) -> None:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                "the cuda backend needs onnxruntime-gpu with CUDAExecutionProvider, which is not available here "
+                f"(providers: {', '.join(ort.get_available_providers())}); "
+                "install 'compressor[gpu]' on a GPU machine or use --backend cpu"
+            )
+
+    def lower(self, model: ir.Model) -> onnx.ModelProto:
+        return to_proto(model)

@@ -1,0 +1,175 @@
+"""The Python API: `compress()` mirrors the ``compress`` command line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from compressor import ir as cir
+from compressor import runtime
+from compressor.backends import Backend, get_backend
+from compressor.data import Dataset
+from compressor.errors import UsageError
+from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
+from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
+from compressor.passes import import_passes
+from compressor.pipeline import PassContext, Pipeline
+from compressor.report import Report, Row
+
+TARGETS = ("fp32", "int8", "int16")
+IMPLEMENTED_TARGETS = ("fp32",)
+EVAL_LIMIT_WITHOUT_EVAL_SET = 512
+
+
+@dataclass
+class Result:
+    """What `compress` produced: the IR model, its lowering, and the measured report."""
+
+    model: ir.Model
+    lowered: onnx.ModelProto
+    report: Report
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> list[Path]:
+        """Write the lowered model atomically; refuses to overwrite unless ``force``."""
+        written = cir.save_model(self.lowered, path, force=force)
+        self.report.output = str(Path(path))
+        return written
+
+
+def compress(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    target: str = "fp32",
+    *,
+    calib: str | os.PathLike | None = None,
+    eval: str | os.PathLike | None = None,  # noqa: A002 - mirrors the CLI flag
+    backend: str = "cpu",
+    verify: bool = False,
+    seed: int = 0,
+    dump_ir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    measure_latency: bool = True,
+    threads: int = runtime.DEFAULT_THREADS,
+    unimplemented: Iterable[str] = (),
+) -> Result:
+    """Compress an ONNX model for a backend and measure it against the original.
+
+    ``model`` is a path, an `onnx_ir.Model` or an `onnx.ModelProto` (not modified).
+    ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). Raises a
+    `CompressorError` subclass for bad input. ``unimplemented`` lists requested
+    features (e.g. CLI flags) that do not exist yet, so they fail loudly.
+    """
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    requested = [*unimplemented] + ([f"--target {target}"] if target not in IMPLEMENTED_TARGETS else [])
+    if requested:
+        raise UsageError(f"{', '.join(requested)}: not implemented yet; use --target fp32 for now")
+    chosen_backend = get_backend(backend, threads=threads)
+    working = _load(model)
+    original = cir.to_proto(working)
+    specs = runtime.input_specs(working)
+    context = PassContext(
+        calibration=_dataset(calib, specs),
+        evaluation=_dataset(eval, specs),
+        backend=backend,
+        seed=seed,
+    )
+    instruments: list[Instrument] = [Timing(), ProgressBar(progress)]
+    if verify:
+        instruments.append(VerifyNumerics())
+    if dump_ir is not None:
+        instruments.append(DumpIR(dump_ir))
+    records = Pipeline(import_passes()).run(working, context, instruments)
+    lowered = chosen_backend.lower(working)
+    report = Report(
+        model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
+        target=target,
+        backend=chosen_backend.name,
+        passes=[r.as_dict() for r in records],
+    )
+    _measure(report, original, lowered, chosen_backend, context, specs, measure_latency)
+    return Result(working, lowered, report)
+
+
+def _load(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return ir.serde.deserialize_model(cir.to_proto(model))
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    return cir.load_model(model)
+
+
+def _dataset(path: str | os.PathLike | None, specs: Sequence[runtime.InputSpec]) -> Dataset | None:
+    if path is None:
+        return None
+    dataset = Dataset(path, specs)
+    dataset.validate()
+    return dataset
+
+
+def _measure(
+    report: Report,
+    original: onnx.ModelProto,
+    lowered: onnx.ModelProto,
+    backend: Backend,
+    context: PassContext,
+    specs: Sequence[runtime.InputSpec],
+    measure_latency: bool,
+) -> None:
+    """Fill the summary rows: size, MACs, params, latency, then accuracy or fidelity."""
+    before, after = compute_cost(original), compute_cost(lowered)
+    report.rows += [
+        Row("size", model_size_bytes(original), model_size_bytes(lowered), "bytes"),
+        Row("MACs (batch 1)", before.macs, after.macs, "count"),
+        Row("params", before.params, after.params, "count"),
+    ]
+    data = context.evaluation or context.calibration
+    if measure_latency:
+        feeds = data.first_batch(1) if data is not None else runtime.random_feeds(specs, 1, context.seed)
+        fp32_latency, new_latency = backend.latency([original, lowered], feeds)
+        label = f"latency (batch 1, {backend.threads} threads, median)"
+        report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
+    _measure_fidelity(report, original, lowered, backend, context, specs)
+
+
+def _measure_fidelity(
+    report: Report,
+    original: onnx.ModelProto,
+    lowered: onnx.ModelProto,
+    backend: Backend,
+    context: PassContext,
+    specs: Sequence[runtime.InputSpec],
+) -> None:
+    reference_session, session = backend.session(original), backend.session(lowered)
+    reference_logits, logits, labels = [], [], []
+    if context.evaluation is not None or context.calibration is not None:
+        data = context.evaluation or context.calibration
+        limit = None if context.evaluation is not None else EVAL_LIMIT_WITHOUT_EVAL_SET
+        source = "eval" if context.evaluation is not None else "calib"
+        for batch in data.batches(batch_size=32, limit=limit):
+            reference_logits.append(backend.run(reference_session, batch.feeds)[0])
+            logits.append(backend.run(session, batch.feeds)[0])
+            if batch.labels is not None:
+                labels.append(batch.labels)
+    else:
+        source = "random"
+        feeds = runtime.random_feeds(specs, 32, context.seed)
+        reference_logits.append(backend.run(reference_session, feeds)[0])
+        logits.append(backend.run(session, feeds)[0])
+    reference, output = np.concatenate(reference_logits), np.concatenate(logits)
+    report.evaluation = {"source": source, "samples": int(reference.shape[0])}
+    if labels and source == "eval":
+        truth = np.concatenate(labels)
+        report.rows.append(
+            Row("top-1 accuracy", top1_accuracy(reference, truth), top1_accuracy(output, truth), "fraction")
+        )
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        report.rows.append(Row("top-1 agreement vs fp32", 1.0, top1_agreement(reference, output), "fraction"))
+    comparison = compare_outputs([reference], [output])
+    report.rows.append(Row("SQNR vs fp32", float("inf"), comparison.sqnr_db, "db"))
+    report.evaluation["max_abs_error"] = comparison.max_abs_error

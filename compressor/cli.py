@@ -1,0 +1,161 @@
+"""The ``compress`` command: exit 0 ok, 2 bad input or usage, 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from compressor.errors import CompressorError, UsageError
+
+EXAMPLES = """\
+examples:
+  compress --demo                                   run on the bundled Fashion-MNIST demo
+  compress model.onnx --target fp32                 normalise: fold BN, drop Identity/dead nodes
+  compress model.onnx --target fp32 --eval test.npz --report report.json
+  compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
+
+data files are .npz with 'x' (float32, the model's input layout) and optional 'y'
+(int64 labels); multi-input models use one array per input name.
+exit status: 0 ok, 2 bad input or usage, 1 internal error (please report it).
+"""
+
+# Flags of capabilities still being built: accepted by the parser so the user
+# gets "not implemented yet" rather than "unrecognised argument".
+PLANNED_FLAGS = ("prune", "prune_method", "lowrank", "train", "tune", "records")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(f"{message}; see compress --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="compress",
+        description="Compress an ONNX model for an onnxruntime backend and report fp32 vs compressed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", help="input .onnx file (never modified)")
+    parser.add_argument("--demo", action="store_true", help="use the bundled demo model and data")
+    parser.add_argument("--target", default="fp32", help="fp32 (int8, int16: not implemented yet)")
+    parser.add_argument("-o", "--output", help="output .onnx (default: MODEL.<target>.onnx beside the input)")
+    parser.add_argument("--calib", help="calibration data (.npz)")
+    parser.add_argument("--eval", help="evaluation data (.npz, with 'y' for accuracy)")
+    parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--report", help="write the summary and per-pass records as JSON")
+    parser.add_argument("--verify", action="store_true", help="check each pass's numerics against onnxruntime")
+    parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for measurements (default 2)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    planned = parser.add_argument_group("planned (not implemented yet)")
+    planned.add_argument("--prune", type=float)
+    planned.add_argument("--prune-method", choices=["l1", "lrp", "masksparsity"])
+    planned.add_argument("--lowrank", type=float)
+    planned.add_argument("--train")
+    planned.add_argument("--tune", type=int)
+    planned.add_argument("--records")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compress`` console script; returns the exit status."""
+    try:
+        return _main(argv)
+    except CompressorError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compress: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if os.environ.get("COMPRESSOR_DEBUG"):
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"compress: internal error: {type(exc).__name__}: {message} "
+            "(set COMPRESSOR_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    model, calib, evaluation, output, force = _resolve_paths(args)
+    unimplemented = [f"--{name.replace('_', '-')}" for name in PLANNED_FLAGS if getattr(args, name) is not None]
+
+    from compressor.api import compress  # heavy imports only after the arguments are valid
+
+    result = compress(
+        model,
+        args.target,
+        calib=calib,
+        eval=evaluation,
+        backend=args.backend,
+        verify=args.verify,
+        seed=args.seed,
+        dump_ir=args.dump_ir,
+        measure_latency=not args.no_latency,
+        threads=args.threads,
+        unimplemented=unimplemented,
+    )
+    result.save(output, force=force)
+    print(result.report.table())
+    evaluation_info = result.report.evaluation
+    print(f"\nevaluated on {evaluation_info['samples']} samples from {evaluation_info['source']} data")
+    for record in result.report.passes:
+        status = "changed" if record["modified"] else "no change"
+        print(f"  pass {record['name']:<16} {record['seconds'] * 1e3:8.1f} ms  {status}")
+    print(f"wrote {output}")
+    if args.report:
+        result.report.write_json(args.report)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | None, Path, bool]:
+    """Check every path before any work, so bad input fails fast and writes nothing."""
+    force = args.force
+    if args.demo:
+        if args.model:
+            raise UsageError("--demo takes no model path; drop one of them")
+        demo = resources.files("compressor.demo")
+        model = Path(str(demo / "demo.onnx"))
+        calib = args.calib or str(demo / "demo.npz")
+        evaluation = args.eval or str(demo / "demo.npz")
+        if args.output is None:
+            folder = Path("compressor-demo")
+            folder.mkdir(exist_ok=True)
+            args.output = str(folder / f"demo.{args.target}.onnx")
+            force = True  # the demo's own default output is re-written on every run
+    elif args.model is None:
+        raise UsageError("no model given; pass MODEL.onnx or --demo")
+    else:
+        model, calib, evaluation = Path(args.model), args.calib, args.eval
+    if not model.is_file():
+        raise UsageError(f"model file not found: {model}; check the path")
+    output = Path(args.output) if args.output else model.with_name(f"{model.stem}.{args.target}.onnx")
+    if output.resolve() == model.resolve():
+        raise UsageError(f"output {output} is the input model; choose another path with -o")
+    if not output.parent.is_dir():
+        raise UsageError(f"output folder does not exist: {output.parent}; create it first")
+    if output.exists() and not force:
+        raise UsageError(f"output file already exists: {output}; pass --force to overwrite it")
+    for flag, path in (("--calib", calib), ("--eval", evaluation)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} file not found: {path}; check the path")
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise UsageError(f"report folder does not exist: {Path(args.report).parent}; create it first")
+    return model, calib, evaluation, output, force
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Measurements: fidelity between outputs, accuracy, size, MACs/params and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor import ir as cir
+
+if TYPE_CHECKING:
+    from compressor.pipeline import Tolerance
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB (inf if equal)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((reference - np.asarray(test, dtype=np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)
+
+
+def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float:
+    """Fraction of samples whose arg-max class matches between two logit arrays [N, C]."""
+    return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(test, axis=-1)))
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose arg-max class equals the label."""
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How far one set of model outputs is from a reference set."""
+
+    max_abs_error: float
+    max_relative_error: float
+    sqnr_db: float
+    top1_agreement: float | None
+
+    def violation(self, tolerance: Tolerance) -> str | None:
+        """A description of the first bound broken, or None if within tolerance."""
+        if tolerance.max_relative_error is not None and self.max_relative_error > tolerance.max_relative_error:
+            return f"max relative error {self.max_relative_error:.3g} > {tolerance.max_relative_error:g}"
+        if tolerance.min_sqnr_db is not None and self.sqnr_db < tolerance.min_sqnr_db:
+            return f"SQNR {self.sqnr_db:.1f} dB < {tolerance.min_sqnr_db:g} dB"
+        if (
+            tolerance.min_top1_agreement is not None
+            and self.top1_agreement is not None
+            and self.top1_agreement < tolerance.min_top1_agreement
+        ):
+            return f"top-1 agreement {self.top1_agreement:.3f} < {tolerance.min_top1_agreement:g}"
+        return None
+
+    def as_dict(self) -> dict[str, float]:
+        values = {
+            "max_abs_error": self.max_abs_error,
+            "max_relative_error": self.max_relative_error,
+            "sqnr_db": self.sqnr_db,
+        }
+        if self.top1_agreement is not None:
+            values["top1_agreement"] = self.top1_agreement
+        return values
+
+
+def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> Comparison:
+    """Compare output lists; errors are relative to the largest reference magnitude."""
+    if len(reference) != len(test):
+        raise ValueError(f"output count changed: {len(reference)} -> {len(test)}")
+    max_abs, max_rel, signal, noise = 0.0, 0.0, 0.0, 0.0
+    for ref, out in zip(reference, test, strict=True):
+        if ref.shape != out.shape:
+            raise ValueError(f"output shape changed: {ref.shape} -> {out.shape}")
+        ref64, out64 = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        diff = float(np.max(np.abs(ref64 - out64))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref64))) if ref.size else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+        signal += float(np.sum(ref64**2))
+        noise += float(np.sum((ref64 - out64) ** 2))
+    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    first = reference[0] if reference else None
+    agreement = top1_agreement(first, test[0]) if first is not None and first.ndim == 2 and first.shape[1] > 1 else None
+    return Comparison(max_abs, max_rel, sqnr, agreement)
+
+
+def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:
+    """Serialized size in bytes, weights included (external weights counted too)."""
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    if cir.weight_bytes(model) > cir.EXTERNAL_DATA_THRESHOLD_BYTES:
+        return cir.weight_bytes(model)
+    return cir.to_proto(model).ByteSize()
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    """Multiply-accumulates at batch 1 (Conv, ConvTranspose, Gemm, MatMul) and parameter count."""
+
+    macs: int
+    params: int
+
+
+def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
+    """Count MACs at batch 1 and parameters.
+
+    Symbolic input dims are set to 1 on a copy for shape inference only; the
+    model itself is untouched.
+    """
+    proto = (
+        cir.to_proto(model) if isinstance(model, ir.Model) else onnx.ModelProto.FromString(model.SerializeToString())
+    )
+    initializer_names = {t.name for t in proto.graph.initializer}
+    for graph_input in proto.graph.input:
+        if graph_input.name in initializer_names:
+            continue
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
+        inferred = proto
+    shapes = _known_shapes(inferred.graph)
+    macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
+    return ComputeCost(macs=int(macs), params=int(params))
+
+
+def _known_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in graph.initializer}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    inputs = [shapes.get(name) for name in node.input]
+    output = shapes.get(node.output[0]) if node.output else None
+    if node.op_type in ("Conv", "QLinearConv", "ConvInteger"):
+        weight = inputs[3 if node.op_type == "QLinearConv" else 1]
+        if weight is None or output is None:
+            return 0
+        return int(np.prod(output)) * int(np.prod(weight[1:]))
+    if node.op_type == "ConvTranspose":
+        if inputs[0] is None or inputs[1] is None:
+            return 0
+        # weight is [C_in, C_out / group, k...]: every input element feeds C_out/group * k outputs.
+        return int(np.prod(inputs[0])) * int(np.prod(inputs[1][1:]))
+    if node.op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger"):
+        a = inputs[0]
+        if a is None or output is None:
+            return 0
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
+        return int(np.prod(output)) * int(k)
+    return 0
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median and spread of per-run latency in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+def interleaved_latency(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Mapping[str, np.ndarray],
+    runs: int = 20,
+    warmup: int = 3,
+) -> list[Latency]:
+    """Time several sessions A/B-interleaved on the same feeds.
+
+    Interleaving spreads machine noise evenly over the sessions, so their ratio
+    is meaningful on a busy machine. Create the sessions with spinning off.
+    """
+    prepared = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
+    for _ in range(warmup):
+        for session, feed in zip(sessions, prepared, strict=True):
+            session.run(None, feed)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for session, feed, bucket in zip(sessions, prepared, samples, strict=True):
+            start = time.perf_counter()
+            session.run(None, feed)
+            bucket.append((time.perf_counter() - start) * 1e3)
+    results = []
+    for bucket in samples:
+        deciles = statistics.quantiles(bucket, n=10) if len(bucket) > 1 else [bucket[0]] * 9
+        results.append(Latency(statistics.median(bucket), deciles[0], deciles[-1], len(bucket)))
+    return results

@@ -1,0 +1,111 @@
+"""onnxruntime plumbing shared by the instruments, metrics and backends.
+
+Kept in the core (not in `backends/`) because the pipeline's numerics check
+needs a reference runtime and dependencies only point from backends to core.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor import ir as cir
+from compressor.errors import DataError
+
+DEFAULT_THREADS = 2
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: its name, numpy dtype and shape (str for symbolic dims, None for unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape with the leading symbolic dim set to ``batch``; other symbolic dims must be known."""
+        dims: list[int] = []
+        for axis, dim in enumerate(self.shape):
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(batch)
+            else:
+                raise DataError(
+                    f"input '{self.name}' has a symbolic dimension {dim!r} at axis {axis}; "
+                    "pass --calib or --eval data so its size is known"
+                )
+        return tuple(dims)
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are skipped)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None or value.shape is None:
+            raise DataError(f"input '{value.name}' has no type or shape in the model; re-export with shapes")
+        dims = tuple(d if isinstance(d, int) else (str(d) if d.value else None) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
+    return specs
+
+
+def random_feeds(specs: Sequence[InputSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Deterministic standard-normal feeds (integer inputs get zeros) for shape-only checks."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = spec.concrete_shape(batch)
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feeds
+
+
+def session_options(
+    threads: int = DEFAULT_THREADS, *, spinning: bool = True, optimize: bool = True
+) -> ort.SessionOptions:
+    """Session options with a fixed thread count.
+
+    Turn ``spinning`` off when two sessions are alive on few cores: the idle
+    session's spinning threads otherwise steal the cores from the busy one.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def make_session(
+    model: ir.Model | onnx.ModelProto | bytes | os.PathLike | str,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime session for an IR model, a proto, serialized bytes or a path."""
+    if isinstance(model, ir.Model):
+        model = cir.to_bytes(model)
+    elif isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = str(model)
+    return ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a session, passing only the feeds it declares."""
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})

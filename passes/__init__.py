@@ -1,0 +1,23 @@
+"""Graph transforms, one per module; installed as ``compressor.passes``."""
+
+from compressor.passes.cleanup import Cleanup, CleanupConfig
+from compressor.passes.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
+from compressor.passes.infer_shapes import InferShapes, InferShapesConfig
+from compressor.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetConfig
+
+__all__ = [
+    "Cleanup",
+    "CleanupConfig",
+    "FoldBatchNorm",
+    "FoldBatchNormConfig",
+    "InferShapes",
+    "InferShapesConfig",
+    "UpgradeOpset",
+    "UpgradeOpsetConfig",
+    "import_passes",
+]
+
+
+def import_passes() -> list:
+    """The lossless normalisation every model goes through after loading."""
+    return [UpgradeOpset(), Cleanup(), FoldBatchNorm(), Cleanup(), InferShapes()]
