@@ -41,7 +41,7 @@ class UpgradeOpset(Pass):
             return PassResult(model, False)
         try:
             converted = onnx.version_converter.convert_version(cir.to_proto(model), self.config.min_opset)
-        except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        except (RuntimeError, ValueError, onnx.version_converter.ConvertError) as exc:
             raise ModelError(
                 f"cannot upgrade the model from opset {current} to {self.config.min_opset} "
                 f"({str(exc).splitlines()[0][:160]}); re-export it with opset >= {self.config.min_opset}"
