@@ -133,7 +133,7 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         evaluation = args.eval or str(demo / "demo.npz")
         if args.output is None:
             folder = Path("compressor-demo")
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(exist_ok=True)  # only the demo creates a folder, and only its own
             args.output = str(folder / f"demo.{args.target}.onnx")
             force = True  # the demo's own default output is re-written on every run
     elif args.model is None:
@@ -145,6 +145,8 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
     output = Path(args.output) if args.output else model.with_name(f"{model.stem}.{args.target}.onnx")
     if output.resolve() == model.resolve():
         raise UsageError(f"output {output} is the input model; choose another path with -o")
+    if output.is_dir():
+        raise UsageError(f"output {output} is a folder; pass a file path such as {output / model.name}")
     if not output.parent.is_dir():
         raise UsageError(f"output folder does not exist: {output.parent}; create it first")
     if output.exists() and not force:
@@ -152,8 +154,20 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
     for flag, path in (("--calib", calib), ("--eval", evaluation)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} file not found: {path}; check the path")
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise UsageError(f"report folder does not exist: {Path(args.report).parent}; create it first")
+    if args.report:
+        report = Path(args.report).resolve()
+        if not report.parent.is_dir():
+            raise UsageError(f"report folder does not exist: {Path(args.report).parent}; create it first")
+        clashes = {model.resolve(): "the input model", output.resolve(): "the output model"}
+        if report in clashes or report.is_dir():
+            what = clashes.get(report, "a folder")
+            raise UsageError(f"--report {args.report} is {what}; pass another path, e.g. {output.stem}.json")
+    if args.dump_ir and Path(args.dump_ir).exists() and not Path(args.dump_ir).is_dir():
+        raise UsageError(f"--dump-ir {args.dump_ir} is a file; pass a folder (it is created if missing)")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     return model, calib, evaluation, output, force
 
 

@@ -50,7 +50,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelError(f"{path} parsed but holds no graph; it is probably not an ONNX model")
     _check_external_data(proto, path.parent)
     try:
-        onnx.checker.check_model(proto)
+        # A path, not the proto: external data then resolves against the model's folder, not the cwd.
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path} fails the ONNX checker: {_first_line(exc)}; re-export the model") from None
     model = ir.serde.deserialize_model(proto)

@@ -1,0 +1,1 @@
+"""Demo model and data that ship inside the package (see README.md here)."""
