@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -98,6 +99,18 @@ def _all_initializers(graph: onnx.GraphProto):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer, suffixing ``name`` until it is unique in the graph."""
+    taken = {v.name for v in ir.convenience.create_value_mapping(graph).values()} | set(graph.initializers)
+    unique, counter = name, 1
+    while unique in taken:
+        unique, counter = f"{name}_{counter}", counter + 1
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=unique)
+    graph.register_initializer(value)
+    return value
 
 
 def weight_bytes(model: ir.Model) -> int:

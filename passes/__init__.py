@@ -2,6 +2,7 @@
 
 from compressor.passes.cleanup import Cleanup, CleanupConfig
 from compressor.passes.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
+from compressor.passes.fold_constants import FoldConstants, FoldConstantsConfig
 from compressor.passes.infer_shapes import InferShapes, InferShapesConfig
 from compressor.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetConfig
 
@@ -10,6 +11,8 @@ __all__ = [
     "CleanupConfig",
     "FoldBatchNorm",
     "FoldBatchNormConfig",
+    "FoldConstants",
+    "FoldConstantsConfig",
     "InferShapes",
     "InferShapesConfig",
     "UpgradeOpset",
@@ -20,4 +23,4 @@ __all__ = [
 
 def import_passes() -> list:
     """The lossless normalisation every model goes through after loading."""
-    return [UpgradeOpset(), Cleanup(), FoldBatchNorm(), Cleanup(), InferShapes()]
+    return [UpgradeOpset(), Cleanup(), FoldConstants(), FoldBatchNorm(), Cleanup(), InferShapes()]

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from compressor.ir import add_initializer
 from compressor.pipeline import Pass
 
 
@@ -74,8 +75,8 @@ class FoldBatchNorm(Pass):
         new_bias = ((bias.astype(np.float64) - mean) * scale + beta).astype(weight.dtype)
 
         base = conv.name or bn.outputs[0].name or "conv"
-        weight_value = _initializer(graph, f"{base}_bnfold_weight", new_weight)
-        bias_value = _initializer(graph, f"{base}_bnfold_bias", new_bias)
+        weight_value = add_initializer(graph, f"{base}_bnfold_weight", new_weight)
+        bias_value = add_initializer(graph, f"{base}_bnfold_bias", new_bias)
         folded = ir.Node(
             "",
             "Conv",
@@ -92,13 +93,3 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique, counter = name, 1
-    while unique in graph.initializers:
-        unique, counter = f"{name}_{counter}", counter + 1
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=unique)
-    graph.register_initializer(value)
-    return value

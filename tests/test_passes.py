@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from conftest import DEMO_ONNX, assert_close, conv_bn_model, random_input, run_onnx
@@ -10,7 +11,7 @@ from onnx import TensorProto, helper
 
 from compressor import ir as cir
 from compressor.errors import ModelError
-from compressor.passes import Cleanup, FoldBatchNorm, InferShapes, UpgradeOpset, import_passes
+from compressor.passes import Cleanup, FoldBatchNorm, FoldConstants, InferShapes, UpgradeOpset, import_passes
 from compressor.passes.upgrade_opset import default_opset
 from compressor.pipeline import PassContext, Pipeline
 
@@ -114,6 +115,47 @@ class TestUpgradeOpset:
             UpgradeOpset()(model)
 
 
+class TestFoldConstants:
+    @staticmethod
+    def graph(nodes: list[onnx.NodeProto]) -> ir.Model:
+        graph = helper.make_graph(
+            nodes,
+            "consts",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+            [onnx.numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")],
+        )
+        return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+    def test_folds_computed_constants(self) -> None:
+        model = self.graph(
+            [
+                helper.make_node("Shape", ["w"], ["w_shape"]),
+                helper.make_node("Constant", [], ["two"], value_float=2.0),
+                helper.make_node("CastLike", ["two", "input"], ["two_like"]),
+                helper.make_node("Expand", ["two_like", "w_shape"], ["twos"]),
+                helper.make_node("Mul", ["input", "twos"], ["out"]),
+            ]
+        )
+        x = {"input": random_input((3, 4))}
+        before = run_onnx(model, x)
+        assert FoldConstants()(model).modified
+        Cleanup()(model)
+        assert ops(model) == ["Mul"]
+        assert_close(before, run_onnx(model, x), rtol=0.0)
+
+    def test_random_ops_and_graph_inputs_are_left_alone(self) -> None:
+        model = self.graph(
+            [
+                helper.make_node("RandomNormal", [], ["noise"], shape=[4]),
+                helper.make_node("Add", ["input", "noise"], ["noisy"]),
+                helper.make_node("Mul", ["noisy", "w"], ["out"]),
+            ]
+        )
+        assert FoldConstants()(model).modified is False
+        assert ops(model) == ["RandomNormal", "Add", "Mul"]
+
+
 class TestInferShapes:
     def test_annotates_intermediate_values(self) -> None:
         model = ir.serde.deserialize_model(conv_bn_model(identity=False))
@@ -127,7 +169,8 @@ def test_import_pipeline_on_old_identity_bn_model_matches_onnxruntime() -> None:
     proto = conv_bn_model(opset=11, identity=True)
     model = ir.serde.deserialize_model(proto)
     records = Pipeline(import_passes()).run(model, PassContext())
-    assert [r.name for r in records] == ["upgrade_opset", "cleanup", "fold_batchnorm", "cleanup", "infer_shapes"]
+    names = [r.name for r in records]
+    assert names == ["upgrade_opset", "cleanup", "fold_constants", "fold_batchnorm", "cleanup", "infer_shapes"]
     assert set(ops(model)) == {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"}
     for batch in (1, 5):
         assert_close(run_onnx(proto, feeds(batch)), run_onnx(model, feeds(batch)))
