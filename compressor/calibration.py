@@ -1,0 +1,241 @@
+"""Streaming calibration: observers that see activations batch by batch.
+
+Every observer keeps a fixed-size state (two floats, or a histogram of
+`HistogramObserver.bins` bins that is re-binned when the range grows), so
+memory does not depend on the number of calibration samples. `collect` runs
+onnxruntime once over the data with the requested tensors exposed as outputs
+and feeds each batch to that tensor's observer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tqdm import tqdm
+
+from compressor import ir as cir
+from compressor import runtime
+from compressor.data import Dataset
+
+METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
+
+
+class Observer(abc.ABC):
+    """Sees one tensor's values over the calibration set and proposes a clipping range."""
+
+    @abc.abstractmethod
+    def update(self, values: np.ndarray) -> None:
+        """Fold one batch of values into the state."""
+
+    @abc.abstractmethod
+    def range(self) -> tuple[float, float]:
+        """The (low, high) range to quantize into; always contains 0."""
+
+    def state_bytes(self) -> int:
+        """Memory held by the observer's state (for the flat-memory guarantee)."""
+        return sum(np.asarray(getattr(self, slot)).nbytes for slot in self.__slots__)
+
+
+class MinMaxObserver(Observer):
+    """The running minimum and maximum."""
+
+    __slots__ = ("high", "low")
+
+    def __init__(self) -> None:
+        self.low, self.high = np.inf, -np.inf
+
+    def update(self, values: np.ndarray) -> None:
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+
+    def range(self) -> tuple[float, float]:
+        return _with_zero(self.low, self.high)
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's minimum and maximum."""
+
+    __slots__ = ("high", "low", "momentum", "seen")
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        self.low, self.high, self.momentum, self.seen = 0.0, 0.0, momentum, 0
+
+    def update(self, values: np.ndarray) -> None:
+        low, high = float(values.min()), float(values.max())
+        if self.seen == 0:
+            self.low, self.high = low, high
+        else:
+            self.low = self.momentum * self.low + (1 - self.momentum) * low
+            self.high = self.momentum * self.high + (1 - self.momentum) * high
+        self.seen += 1
+
+    def range(self) -> tuple[float, float]:
+        return _with_zero(self.low, self.high)
+
+
+class HistogramObserver(Observer):
+    """A fixed-bin histogram over the running [min, max], re-binned as the range grows.
+
+    ``method`` picks the range: ``percentile`` (two-tailed), ``entropy``
+    (TensorRT's KL-divergence threshold search on |x|) or ``mse`` (the clipping
+    that minimises expected quantization error for ``levels`` levels).
+    """
+
+    __slots__ = ("counts", "high", "levels", "low", "method", "percentile")
+
+    bins = 2048
+
+    def __init__(self, method: str = "percentile", percentile: float = 99.99, levels: int = 256) -> None:
+        if method not in ("percentile", "entropy", "mse"):
+            raise ValueError(f"unknown histogram method {method!r}")
+        self.counts = np.zeros(self.bins, dtype=np.float64)
+        self.low, self.high = 0.0, 0.0
+        self.method, self.percentile, self.levels = method, percentile, levels
+
+    def update(self, values: np.ndarray) -> None:
+        values = values.ravel()
+        low, high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+        if high <= low:
+            return
+        if (low, high) != (self.low, self.high):
+            self.counts = _rebin(self.counts, self.low, self.high, low, high) if self.counts.any() else self.counts
+            self.low, self.high = low, high
+        self.counts += np.histogram(values, bins=self.bins, range=(low, high))[0]
+
+    def range(self) -> tuple[float, float]:
+        if not self.counts.any():
+            return _with_zero(self.low, self.high)
+        if self.method == "percentile":
+            return self._percentile_range()
+        if self.method == "mse":
+            return self._mse_range()
+        return self._entropy_range()
+
+    def _edges(self) -> np.ndarray:
+        return np.linspace(self.low, self.high, self.bins + 1)
+
+    def _percentile_range(self) -> tuple[float, float]:
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)]) / self.counts.sum()
+        tail = (100.0 - self.percentile) / 100.0
+        low = np.interp(tail, cumulative, self._edges()) if self.low < 0 else 0.0
+        high = np.interp(1.0 - tail, cumulative, self._edges())
+        return _with_zero(float(low), float(high))
+
+    def _mse_range(self) -> tuple[float, float]:
+        centres = 0.5 * (self._edges()[:-1] + self._edges()[1:])
+        best, best_error = (self.low, self.high), np.inf
+        for shrink in np.linspace(0.2, 1.0, 81):
+            low, high = _with_zero(self.low * shrink, self.high * shrink)
+            scale = (high - low) / (self.levels - 1)
+            if scale <= 0:
+                continue
+            zero = np.round(-low / scale)
+            q = np.clip(np.round(centres / scale) + zero, 0, self.levels - 1)
+            error = float(np.sum(self.counts * (centres - (q - zero) * scale) ** 2))
+            if error < best_error:
+                best, best_error = (low, high), error
+        return best
+
+    def _entropy_range(self) -> tuple[float, float]:
+        magnitude = max(abs(self.low), abs(self.high))
+        edges = np.linspace(0.0, magnitude, self.bins + 1)
+        cumulative = np.interp(edges, self._edges(), np.concatenate([[0.0], np.cumsum(self.counts)]))
+        below = np.interp(-edges, self._edges(), np.concatenate([[0.0], np.cumsum(self.counts)]))
+        hist = np.diff(cumulative) + np.maximum(-np.diff(below), 0.0)  # |x| histogram, both tails folded
+        # The spike of exact zeros after ReLU would dominate the divergence and pull the
+        # threshold far down; flatten it, as pytorch-quantization's skip_zeros does.
+        hist[0] = min(hist[0], hist[1])
+        # A non-negative tensor gets every level of an unsigned type; a signed one half on each side.
+        threshold = _kl_threshold(hist, edges, target_bins=self.levels if self.low >= 0 else self.levels // 2)
+        return _with_zero(max(self.low, -threshold), min(self.high, threshold))
+
+
+def _kl_threshold(hist: np.ndarray, edges: np.ndarray, target_bins: int) -> float:
+    """TensorRT's calibration: the |x| threshold whose quantized distribution is closest in KL."""
+    best_threshold, best_kl = float(edges[-1]), np.inf
+    total_bins = len(hist)
+    for stop in range(target_bins, total_bins + 1, max(1, total_bins // 256)):
+        reference = hist[:stop].copy()
+        reference[-1] += hist[stop:].sum()
+        if reference.sum() == 0:
+            continue
+        groups = np.array_split(np.arange(stop), target_bins)
+        candidate = np.zeros(stop)
+        for group in groups:
+            occupied = hist[group] > 0
+            if occupied.any():
+                candidate[group[occupied]] = hist[group].sum() / occupied.sum()
+        p = reference / reference.sum()
+        q = candidate / max(candidate.sum(), 1e-12)
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_threshold = kl, float(edges[stop])
+    return best_threshold
+
+
+def _rebin(counts: np.ndarray, old_low: float, old_high: float, low: float, high: float) -> np.ndarray:
+    """Counts over [old_low, old_high] redistributed onto the same number of bins over [low, high]."""
+    old_edges = np.linspace(old_low, old_high, len(counts) + 1)
+    new_edges = np.linspace(low, high, len(counts) + 1)
+    cumulative = np.interp(new_edges, old_edges, np.concatenate([[0.0], np.cumsum(counts)]))
+    return np.diff(cumulative)
+
+
+def _with_zero(low: float, high: float) -> tuple[float, float]:
+    if not np.isfinite(low) or not np.isfinite(high):
+        return 0.0, 0.0
+    return min(low, 0.0), max(high, 0.0)
+
+
+def make_observer(method: str, percentile: float = 99.99, levels: int = 256) -> Observer:
+    """An observer for a calibration method name (see `METHODS`)."""
+    if method == "minmax":
+        return MinMaxObserver()
+    if method == "moving_average":
+        return MovingAverageObserver()
+    if method in ("percentile", "entropy", "mse"):
+        return HistogramObserver(method, percentile, levels)
+    raise ValueError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def collect(
+    model: ir.Model,
+    dataset: Dataset,
+    observers: Mapping[str, Observer],
+    *,
+    num_samples: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> None:
+    """Run the model over ``dataset`` once and update each tensor's observer.
+
+    The tensors named in ``observers`` are exposed as extra graph outputs of a
+    copy of the model; only one batch of activations is alive at a time.
+    """
+    session = runtime.make_session(_with_outputs(model, observers))
+    names = [output.name for output in session.get_outputs()]
+    total = dataset.num_samples if num_samples is None else min(num_samples, dataset.num_samples)
+    batches = dataset.batches(batch_size=batch_size, limit=total)
+    bar = tqdm(total=total, unit="sample", desc="calibrating", disable=not progress, leave=False)
+    for batch in batches:
+        outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
+        for name, observer in observers.items():
+            observer.update(outputs[name] if name in outputs else batch.feeds[name])
+        bar.update(next(iter(batch.feeds.values())).shape[0])
+    bar.close()
+
+
+def _with_outputs(model: ir.Model, observers: Iterable[str]) -> onnx.ModelProto:
+    proto = cir.to_proto(model)
+    values = ir.convenience.create_value_mapping(model.graph)
+    existing = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
+    for name in observers:
+        if name not in existing:
+            dtype = values[name].dtype if name in values and values[name].dtype is not None else ir.DataType.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, int(dtype), None))
+    return proto

@@ -1,0 +1,94 @@
+"""Quantization arithmetic: scales and zero points from ranges, and weight quantization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from compressor.passes.quantize_int8 import QuantizeInt8Config
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine quantization of one tensor: real = (q - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+    dtype: type[np.integer]
+
+    @property
+    def qmin(self) -> int:
+        return int(np.iinfo(self.dtype).min)
+
+    @property
+    def qmax(self) -> int:
+        return int(np.iinfo(self.dtype).max)
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        q = np.round(values / np.float32(self.scale)) + self.zero_point
+        return np.clip(q, self.qmin, self.qmax).astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return ((q.astype(np.int32) - self.zero_point) * np.float32(self.scale)).astype(np.float32)
+
+
+def power_of_two(scale: np.ndarray | float) -> np.ndarray:
+    """The next power of two at or above ``scale`` (so no value clips that did not before)."""
+    return np.exp2(np.ceil(np.log2(np.maximum(scale, np.finfo(np.float32).tiny)))).astype(np.float32)
+
+
+def activation_params(low: float, high: float, config: QuantizeInt8Config) -> QuantParams:
+    """Scale and zero point for an activation observed in [low, high] (low <= 0 <= high)."""
+    if config.activations == "asymmetric_uint8":
+        scale = (high - low) / 255.0
+        if scale <= 0:
+            return QuantParams(1.0, 0, np.uint8)
+        if config.power_of_two:
+            scale = float(power_of_two(scale))
+        zero = int(np.clip(np.round(-low / scale), 0, 255))
+        return QuantParams(float(np.float32(scale)), zero, np.uint8)
+    magnitude = max(abs(low), abs(high))
+    scale = magnitude / 127.0 if magnitude > 0 else 1.0
+    if config.power_of_two:
+        scale = float(power_of_two(scale))
+    if config.activations == "symmetric_uint8":
+        return QuantParams(float(np.float32(scale)), 128, np.uint8)
+    return QuantParams(float(np.float32(scale)), 0, np.int8)
+
+
+def quantize_weight(
+    weight: np.ndarray, axis: int, config: QuantizeInt8Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 weight, its float32 scale(s) and int8 zero point(s), per channel on ``axis`` or per tensor.
+
+    ``config.weight_bits`` = 7 keeps values in [-63, 63] (symmetric) so onnxruntime's
+    u8s8 kernels cannot saturate their 16-bit intermediate sums.
+    """
+    bits = config.weight_bits
+    if config.weights == "symmetric":
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    reduce = tuple(i for i in range(weight.ndim) if i != axis) if config.per_channel else None
+    keep = config.per_channel
+    if config.weights == "symmetric":
+        scale = np.max(np.abs(weight), axis=reduce, keepdims=keep) / qmax
+        scale = np.where(scale > 0, scale, 1.0)
+        if config.power_of_two:
+            scale = power_of_two(scale)
+        zero = np.zeros_like(scale)
+    else:
+        low = np.minimum(np.min(weight, axis=reduce, keepdims=keep), 0.0)
+        high = np.maximum(np.max(weight, axis=reduce, keepdims=keep), 0.0)
+        scale = (high - low) / (qmax - qmin)
+        scale = np.where(scale > 0, scale, 1.0)
+        if config.power_of_two:
+            scale = power_of_two(scale)
+        zero = np.clip(np.round(qmin - low / scale), qmin, qmax)
+    scale = scale.astype(np.float32)
+    q = np.clip(np.round(weight / scale) + zero, qmin, qmax).astype(np.int8)
+    flat = scale.reshape(-1) if config.per_channel else scale.reshape(())
+    return q, flat.astype(np.float32), zero.reshape(flat.shape).astype(np.int8)
