@@ -9,10 +9,10 @@ BACKENDS: dict[str, type[Backend]] = {"cpu": OnnxruntimeCPU, "cuda": Onnxruntime
 __all__ = ["BACKENDS", "Backend", "OnnxruntimeCPU", "OnnxruntimeCUDA", "get_backend"]
 
 
-def get_backend(name: str, threads: int = 2) -> Backend:
-    """The backend registered under ``name`` ('cpu' or 'cuda')."""
+def get_backend(name: str, threads: int = 2, qdq: bool = False) -> Backend:
+    """The backend registered under ``name`` ('cpu' or 'cuda'); ``qdq`` keeps quantized models in QDQ form."""
     from compressor.errors import UsageError
 
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    return BACKENDS[name](threads=threads)
+    return BACKENDS[name](threads=threads, qdq=qdq)

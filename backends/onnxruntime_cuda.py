@@ -1,5 +1,7 @@
 """onnxruntime on an NVIDIA GPU (CUDAExecutionProvider, TensorRT first where present).
 
+Quantized models stay in QDQ form, which the CUDA and TensorRT providers fuse themselves.
+
 Needs the ``onnxruntime-gpu`` build (``pip install 'compressor[gpu]'``) and a
 visible GPU; otherwise construction fails with a clear error.
 """
@@ -25,9 +27,9 @@ class OnnxruntimeCUDA(Backend):
         preferred = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
         return tuple(p for p in preferred if p in available and (p != "TensorrtExecutionProvider" or self.tensorrt))
 
-    def __init__(self, threads: int = 2, tensorrt: bool = False) -> None:
+    def __init__(self, threads: int = 2, qdq: bool = True, tensorrt: bool = False) -> None:
         self.tensorrt = tensorrt
-        super().__init__(threads)
+        super().__init__(threads, qdq=True)  # QDQ is what CUDA and TensorRT fuse
 
     def check_available(self) -> None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +19,12 @@ from compressor.errors import UsageError
 from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
 from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
 from compressor.passes import import_passes
+from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from compressor.pipeline import PassContext, Pipeline
 from compressor.report import Report, Row
 
 TARGETS = ("fp32", "int8", "int16")
-IMPLEMENTED_TARGETS = ("fp32",)
+IMPLEMENTED_TARGETS = ("fp32", "int8")
 EVAL_LIMIT_WITHOUT_EVAL_SET = 512
 
 
@@ -55,12 +56,17 @@ def compress(
     progress: bool | None = None,
     measure_latency: bool = True,
     threads: int = runtime.DEFAULT_THREADS,
+    int8: Mapping[str, object] | None = None,
+    qdq: bool = False,
     unimplemented: Iterable[str] = (),
 ) -> Result:
     """Compress an ONNX model for a backend and measure it against the original.
 
     ``model`` is a path, an `onnx_ir.Model` or an `onnx.ModelProto` (not modified).
-    ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). Raises a
+    ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). ``int8``
+    overrides fields of `QuantizeInt8Config` (the backend's fast-path choices are
+    the defaults); ``qdq`` keeps the portable QDQ form instead of fused
+    integer operators. Raises a
     `CompressorError` subclass for bad input. ``unimplemented`` lists requested
     features (e.g. CLI flags) that do not exist yet, so they fail loudly.
     """
@@ -68,8 +74,8 @@ def compress(
         raise UsageError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     requested = [*unimplemented] + ([f"--target {target}"] if target not in IMPLEMENTED_TARGETS else [])
     if requested:
-        raise UsageError(f"{', '.join(requested)}: not implemented yet; use --target fp32 for now")
-    chosen_backend = get_backend(backend, threads=threads)
+        raise UsageError(f"{', '.join(requested)}: not implemented yet; use --target fp32 or int8 for now")
+    chosen_backend = get_backend(backend, threads=threads, qdq=qdq)
     working = _load(model)
     original = cir.to_proto(working)
     specs = runtime.input_specs(working)
@@ -84,7 +90,11 @@ def compress(
         instruments.append(VerifyNumerics())
     if dump_ir is not None:
         instruments.append(DumpIR(dump_ir))
-    records = Pipeline(import_passes()).run(working, context, instruments)
+    passes = import_passes()
+    if target == "int8":
+        quantize = QuantizeInt8(int8_config(chosen_backend, int8))
+        passes.append(quantize)
+    records = Pipeline(passes).run(working, context, instruments)
     lowered = chosen_backend.lower(working)
     report = Report(
         model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
@@ -92,8 +102,22 @@ def compress(
         backend=chosen_backend.name,
         passes=[r.as_dict() for r in records],
     )
-    _measure(report, original, lowered, chosen_backend, context, specs, measure_latency)
+    if target == "int8":
+        report.kept_float = {**quantize.skipped, **chosen_backend.rejected}
+    _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency)
     return Result(working, lowered, report)
+
+
+def int8_config(backend: Backend, overrides: Mapping[str, object] | None = None) -> QuantizeInt8Config:
+    """The backend's fast-path settings, then the user's overrides (unknown fields are a usage error)."""
+    fields = {**backend.int8_preferences, **(overrides or {})}
+    known = set(QuantizeInt8Config.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UsageError(f"unknown int8 setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "keep_float" in fields:
+        fields["keep_float"] = frozenset(fields["keep_float"])  # type: ignore[arg-type]
+    return QuantizeInt8Config(**fields)  # type: ignore[arg-type]
 
 
 def _load(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
@@ -116,13 +140,18 @@ def _measure(
     report: Report,
     original: onnx.ModelProto,
     lowered: onnx.ModelProto,
+    compressed: ir.Model,
     backend: Backend,
     context: PassContext,
     specs: Sequence[runtime.InputSpec],
     measure_latency: bool,
 ) -> None:
-    """Fill the summary rows: size, MACs, params, latency, then accuracy or fidelity."""
-    before, after = compute_cost(original), compute_cost(lowered)
+    """Fill the summary rows: size, MACs, params, latency, then accuracy or fidelity.
+
+    MACs and params are counted on the compressed IR (standard ONNX ops, so shape
+    inference sees them) rather than on the backend's lowering.
+    """
+    before, after = compute_cost(original), compute_cost(compressed)
     report.rows += [
         Row("size", model_size_bytes(original), model_size_bytes(lowered), "bytes"),
         Row("MACs (batch 1)", before.macs, after.macs, "count"),

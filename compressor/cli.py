@@ -16,6 +16,8 @@ EXAMPLES = """\
 examples:
   compress --demo                                   run on the bundled Fashion-MNIST demo
   compress model.onnx --target fp32                 normalise: fold BN, drop Identity/dead nodes
+  compress model.onnx --target int8 --calib calib.npz --eval test.npz
+  compress model.onnx --target int8 --calib calib.npz --format qdq --calibration percentile
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
 
@@ -43,11 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     parser.add_argument("--demo", action="store_true", help="use the bundled demo model and data")
-    parser.add_argument("--target", default="fp32", help="fp32 (int8, int16: not implemented yet)")
+    parser.add_argument("--target", default="fp32", help="fp32 or int8 (int16: not implemented yet)")
     parser.add_argument("-o", "--output", help="output .onnx (default: MODEL.<target>.onnx beside the input)")
     parser.add_argument("--calib", help="calibration data (.npz)")
     parser.add_argument("--eval", help="evaluation data (.npz, with 'y' for accuracy)")
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--format",
+        choices=["fused", "qdq"],
+        default="fused",
+        help="int8 output: fused integer ops (fastest on CPU, default) or portable QDQ",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
+        help="int8 calibration method (default minmax)",
+    )
+    parser.add_argument("--keep-float", nargs="+", default=[], metavar="NODE", help="nodes to leave in float")
     parser.add_argument("--report", help="write the summary and per-pass records as JSON")
     parser.add_argument("--verify", action="store_true", help="check each pass's numerics against onnxruntime")
     parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
@@ -105,6 +119,8 @@ def _main(argv: Sequence[str] | None) -> int:
         dump_ir=args.dump_ir,
         measure_latency=not args.no_latency,
         threads=args.threads,
+        int8=_int8_overrides(args),
+        qdq=args.format == "qdq",
         unimplemented=unimplemented,
     )
     result.save(output, force=force)
@@ -113,12 +129,25 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"\nevaluated on {evaluation_info['samples']} samples from {evaluation_info['source']} data")
     for record in result.report.passes:
         status = "changed" if record["modified"] else "no change"
-        print(f"  pass {record['name']:<16} {record['seconds'] * 1e3:8.1f} ms  {status}")
+        print(f"  pass {record['name']:<22} {record['seconds'] * 1e3:8.1f} ms  {status}")
+    if result.report.kept_float:
+        print(f"left in float ({len(result.report.kept_float)}):")
+        for node, why in result.report.kept_float.items():
+            print(f"  {node}: {why}")
     print(f"wrote {output}")
     if args.report:
         result.report.write_json(args.report)
         print(f"wrote {args.report}")
     return 0
+
+
+def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if args.calibration:
+        overrides["calibration"] = args.calibration
+    if args.keep_float:
+        overrides["keep_float"] = frozenset(args.keep_float)
+    return overrides
 
 
 def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | None, Path, bool]:

@@ -69,6 +69,7 @@ class Report:
     passes: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was not quantized
 
     def table(self) -> str:
         """The summary as a Markdown table."""
@@ -90,6 +91,7 @@ class Report:
             "evaluation": self.evaluation,
             "summary": summary,
             "passes": self.passes,
+            "kept_float": self.kept_float,
         }
         return _finite(data)
 

@@ -1,5 +1,6 @@
 """Graph transforms, one per module; installed as ``compressor.passes``."""
 
+from compressor.passes.canonicalize_pooling import CanonicalizePooling, CanonicalizePoolingConfig
 from compressor.passes.cleanup import Cleanup, CleanupConfig
 from compressor.passes.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
 from compressor.passes.fold_constants import FoldConstants, FoldConstantsConfig
@@ -7,6 +8,8 @@ from compressor.passes.infer_shapes import InferShapes, InferShapesConfig
 from compressor.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetConfig
 
 __all__ = [
+    "CanonicalizePooling",
+    "CanonicalizePoolingConfig",
     "Cleanup",
     "CleanupConfig",
     "FoldBatchNorm",
@@ -23,4 +26,12 @@ __all__ = [
 
 def import_passes() -> list:
     """The lossless normalisation every model goes through after loading."""
-    return [UpgradeOpset(), Cleanup(), FoldConstants(), FoldBatchNorm(), Cleanup(), InferShapes()]
+    return [
+        UpgradeOpset(),
+        Cleanup(),
+        FoldConstants(),
+        FoldBatchNorm(),
+        CanonicalizePooling(),
+        Cleanup(),
+        InferShapes(),
+    ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor import calibration
 from compressor.errors import ModelError, UsageError
@@ -94,8 +95,10 @@ class QuantizeInt8(Pass):
         if context.calibration is None:
             raise ModelError("int8 quantization needs calibration data: pass --calib DATA.npz")
         levels = 256
-        observers = {name: calibration.make_observer(self.config.calibration, self.config.percentile, levels)
-                     for name in plan.observed()}
+        observers = {
+            name: calibration.make_observer(self.config.calibration, self.config.percentile, levels)
+            for name in plan.observed()
+        }
         calibration.collect(
             model, context.calibration, observers, num_samples=self.config.num_samples,
             batch_size=self.config.batch_size,
@@ -107,6 +110,7 @@ class QuantizeInt8(Pass):
         _insert_qdq(graph, plan, self.params)
         for node, params in zip(plan.compute, input_params, strict=True):
             _quantize_weights(graph, node, params, self.config)
+        RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
         return PassResult(model, True)
 
 

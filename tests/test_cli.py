@@ -194,7 +194,7 @@ def test_bad_data_is_refused(
     ("extra", "keyword"),
     [
         case("int4", "--target int4", "unknown target"),
-        case("int8", "--target int8", "not implemented"),
+        case("int8-without-calibration", "--target int8", "--calib"),
         case("int16", "--target int16", "not implemented"),
         case("prune", "--prune 0.5", "not implemented"),
         case("lowrank", "--lowrank 0.5", "not implemented"),

@@ -1,0 +1,251 @@
+"""Rewrite rules from QDQ form to onnxruntime's fused integer operators.
+
+Each rule is pattern / check / rewrite (after onnxscript's rewriter). The
+pattern is ``DequantizeLinear -> op -> [Relu|Clip] -> QuantizeLinear``; a check
+that rejects says why (``Rejection``); the rewrite replaces the float op and its
+Q with one integer op that reads the quantized inputs directly, so no
+Q -> DQ -> Q chain survives. What no rule takes stays in QDQ form, which
+onnxruntime still runs correctly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+MS_DOMAIN = "com.microsoft"
+SAME_PARAMS_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+
+
+class Rejection(Exception):
+    """Why a rule does not apply to a node."""
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized tensor as seen through its DequantizeLinear: the integer value and its params."""
+
+    value: ir.Value
+    scale: ir.Value
+    zero_point: ir.Value
+
+    def params(self) -> list[ir.Value]:
+        return [self.value, self.scale, self.zero_point]
+
+
+@dataclass(frozen=True)
+class Match:
+    """A float op between dequantized inputs and one QuantizeLinear (with an optional fused activation)."""
+
+    node: ir.Node
+    inputs: list[Quantized]
+    activation: ir.Node | None
+    quantize: ir.Node
+
+    @property
+    def output(self) -> Quantized:
+        return Quantized(self.quantize.outputs[0], self.quantize.inputs[1], self.quantize.inputs[2])
+
+    def old_nodes(self) -> list[ir.Node]:
+        return [n for n in (self.node, self.activation, self.quantize) if n is not None]
+
+
+def dequantized(value: ir.Value | None) -> Quantized:
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear":
+        raise Rejection(f"input {value.name if value else '?'} is not dequantized")
+    zero = producer.inputs[2] if len(producer.inputs) > 2 else None
+    if zero is None:
+        raise Rejection("DequantizeLinear without a zero point")
+    return Quantized(producer.inputs[0], producer.inputs[1], zero)
+
+
+def match(node: ir.Node, activation_inputs: list[int]) -> Match:
+    """Find the Q (after an optional fusable Relu/Clip) that consumes ``node``'s only output."""
+    inputs = [dequantized(node.inputs[i]) for i in activation_inputs]
+    output = node.outputs[0]
+    activation = None
+    consumer = _sole_consumer(output)
+    if consumer.op_type in ("Relu", "Clip"):
+        activation, consumer = consumer, _sole_consumer(consumer.outputs[0])
+    if consumer.op_type != "QuantizeLinear":
+        raise Rejection("output is not quantized")
+    found = Match(node, inputs, activation, consumer)
+    if activation is not None:
+        _check_activation_absorbed(found)
+    return found
+
+
+def _sole_consumer(value: ir.Value) -> ir.Node:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        raise Rejection(f"{value.name} has {len(uses)} consumers")
+    return uses[0].node
+
+
+def _check_activation_absorbed(found: Match) -> None:
+    """Relu/Clip vanish only when the output's integer range already clamps to them."""
+    scale, zero = _const(found.quantize.inputs[1]), _const(found.quantize.inputs[2])
+    info = np.iinfo(zero.dtype)
+    low, high = (info.min - zero) * scale, (info.max - zero) * scale
+    activation = found.activation
+    bounds = [0.0, np.inf] if activation.op_type == "Relu" else [-np.inf, np.inf]
+    if activation.op_type == "Clip":
+        for index in (1, 2):
+            if len(activation.inputs) > index and activation.inputs[index] is not None:
+                bounds[index - 1] = float(_const(activation.inputs[index]))
+    if not (low >= bounds[0] - 1e-12 and high <= bounds[1] + 1e-6 * max(1.0, abs(bounds[1]))):
+        raise Rejection(f"{activation.op_type} is not absorbed by the output range [{low:g}, {high:g}]")
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        raise Rejection(f"{value.name} is not constant")
+    return tensor.numpy()
+
+
+def _replace(graph: ir.Graph, found: Match, new_nodes: list[ir.Node]) -> None:
+    """Swap the matched float chain for ``new_nodes``; the last one's output takes the Q output's place."""
+    ir.convenience.replace_nodes_and_values(
+        graph, found.quantize, found.old_nodes(), new_nodes, [found.quantize.outputs[0]], [new_nodes[-1].outputs[0]]
+    )
+
+
+def _attributes(node: ir.Node) -> list[ir.Attr]:
+    return list(node.attributes.values())
+
+
+def lower_conv(graph: ir.Graph, node: ir.Node) -> None:
+    found = match(node, [0])
+    weight = dequantized(node.inputs[1])
+    if np.any(_const(weight.zero_point) != 0):
+        raise Rejection("weight zero point is not 0 (asymmetric weights)")
+    inputs = [*found.inputs[0].params(), *weight.params(), *found.output.params()[1:]]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = dequantized(node.inputs[2])
+        if bias.value.dtype != ir.DataType.INT32:
+            raise Rejection("bias is not int32")
+        inputs.append(bias.value)
+    _replace(graph, found, [ir.Node("", "QLinearConv", inputs, attributes=_attributes(node), name=node.name)])
+
+
+def lower_matmul(graph: ir.Graph, node: ir.Node) -> None:
+    """MatMul -> QLinearMatMul; Gemm -> QGemm (com.microsoft), with a float output when nothing quantizes it."""
+    weight = dequantized(node.inputs[1])
+    if np.any(_const(weight.zero_point) != 0):
+        raise Rejection("weight zero point is not 0 (asymmetric weights)")
+    try:
+        found = match(node, [0])
+    except Rejection:
+        if node.op_type != "Gemm":
+            raise
+        _lower_gemm_float_output(graph, node, weight)
+        return
+    if node.op_type == "MatMul":
+        inputs = [*found.inputs[0].params(), *weight.params(), *found.output.params()[1:]]
+        _replace(graph, found, [ir.Node("", "QLinearMatMul", inputs, name=node.name)])
+        return
+    inputs = [*found.inputs[0].params(), *weight.params(), _gemm_bias(node), *found.output.params()[1:]]
+    _replace(graph, found, [ir.Node(MS_DOMAIN, "QGemm", inputs, attributes=_gemm_attributes(node), name=node.name)])
+
+
+def _lower_gemm_float_output(graph: ir.Graph, node: ir.Node, weight: Quantized) -> None:
+    source = dequantized(node.inputs[0])
+    inputs = [*source.params(), *weight.params(), _gemm_bias(node)]
+    qgemm = ir.Node(MS_DOMAIN, "QGemm", inputs, attributes=_gemm_attributes(node), name=node.name)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [qgemm], [node.outputs[0]], [qgemm.outputs[0]])
+
+
+def _gemm_bias(node: ir.Node) -> ir.Value | None:
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return None
+    quantized = dequantized(bias)
+    if quantized.value.dtype != ir.DataType.INT32:
+        raise Rejection("bias is not int32")
+    return quantized.value
+
+
+def _gemm_attributes(node: ir.Node) -> list[ir.Attr]:
+    return [a for a in _attributes(node) if a.name in ("transA", "transB", "alpha")]
+
+
+def lower_add(graph: ir.Graph, node: ir.Node) -> None:
+    found = match(node, [0, 1])
+    a, b = found.inputs
+    inputs = [*a.params(), *b.params(), *found.output.params()[1:]]
+    _replace(graph, found, [ir.Node(MS_DOMAIN, "QLinearAdd", inputs, name=node.name)])
+
+
+def lower_global_average_pool(graph: ir.Graph, node: ir.Node) -> None:
+    found = match(node, [0])
+    inputs = [*found.inputs[0].params(), *found.output.params()[1:]]
+    attrs = [ir.AttrInt64("channels_last", 0)]
+    _replace(graph, found, [ir.Node(MS_DOMAIN, "QLinearGlobalAveragePool", inputs, attributes=attrs, name=node.name)])
+
+
+def lower_average_pool(graph: ir.Graph, node: ir.Node) -> None:
+    found = match(node, [0])
+    inputs = [*found.inputs[0].params(), *found.output.params()[1:]]
+    _replace(
+        graph, found, [ir.Node(MS_DOMAIN, "QLinearAveragePool", inputs, attributes=_attributes(node), name=node.name)]
+    )
+
+
+def lower_concat(graph: ir.Graph, node: ir.Node) -> None:
+    found = match(node, list(range(len(node.inputs))))
+    inputs = [*found.output.params()[1:]]
+    for quantized in found.inputs:
+        inputs += quantized.params()
+    _replace(graph, found, [ir.Node(MS_DOMAIN, "QLinearConcat", inputs, attributes=_attributes(node), name=node.name)])
+
+
+def lower_same_params(graph: ir.Graph, node: ir.Node) -> None:
+    """MaxPool, Reshape, ... run on the integer tensor when input and output share params."""
+    found = match(node, [0])
+    source, target = found.inputs[0], found.output
+    if found.activation is not None:
+        raise Rejection("activation after a pass-through op")
+    same = all(
+        np.array_equal(_const(x), _const(y))
+        for x, y in ((source.scale, target.scale), (source.zero_point, target.zero_point))
+    )
+    if not same:
+        raise Rejection("input and output quantization parameters differ")
+    rest = list(node.inputs[1:])
+    new = ir.Node(node.domain, node.op_type, [source.value, *rest], attributes=_attributes(node), name=node.name)
+    _replace(graph, found, [new])
+
+
+RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
+    "Conv": lower_conv,
+    "MatMul": lower_matmul,
+    "Gemm": lower_matmul,
+    "Add": lower_add,
+    "GlobalAveragePool": lower_global_average_pool,
+    "AveragePool": lower_average_pool,
+    "Concat": lower_concat,
+    **{op: lower_same_params for op in SAME_PARAMS_OPS},
+}
+
+
+def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
+    """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form."""
+    rejected: dict[str, str] = {}
+    for node in list(model.graph):
+        rule = RULES.get(node.op_type)
+        if rule is None or node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            rule(model.graph, node)
+        except Rejection as why:
+            rejected[node.name or node.op_type] = str(why)
+    if any(node.domain == MS_DOMAIN for node in model.graph):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    RemoveUnusedNodesPass()(model)
+    return rejected
