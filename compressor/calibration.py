@@ -128,8 +128,11 @@ class HistogramObserver(Observer):
     def _mse_range(self) -> tuple[float, float]:
         centres = 0.5 * (self._edges()[:-1] + self._edges()[1:])
         best, best_error = (self.low, self.high), np.inf
-        for shrink in np.linspace(0.2, 1.0, 81):
-            low, high = _with_zero(self.low * shrink, self.high * shrink)
+        # Clip both tails at one magnitude t, on a geometric grid: a single far outlier
+        # can put the best clip at a few % of the range.
+        magnitude = max(abs(self.low), abs(self.high))
+        for threshold in np.geomspace(0.01 * magnitude, magnitude, 120):
+            low, high = _with_zero(max(self.low, -threshold), min(self.high, threshold))
             scale = (high - low) / (self.levels - 1)
             if scale <= 0:
                 continue

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 
 from compressor.errors import CompressorError, MissingContextError, PassFailedError
 
@@ -196,6 +196,11 @@ class Pipeline:
                 instrument.run_after_pass(model, pass_, record)
         except CompressorError as exc:
             raise type(exc)(f"pass '{pass_.name}': {exc}") from exc
+        except PreconditionError as exc:
+            # onnx-ir wraps whatever `requires` raised; a user error stays a user error.
+            if isinstance(exc.__cause__, CompressorError):
+                raise type(exc.__cause__)(f"pass '{pass_.name}': {exc.__cause__}") from exc
+            raise PassFailedError(f"pass '{pass_.name}' cannot run on this model: {exc}") from exc
         except Exception as exc:
             before = ", ".join(r.name for r in done) or "none"
             raise PassFailedError(
