@@ -1,209 +1,223 @@
-"""Model zoo: small CNNs trained on Fashion-MNIST and exported to ONNX.
+"""Model zoo: CNNs exported to ONNX, with calibration and evaluation sets, cached on disk.
 
-Every model takes ``input`` float32 ``[batch, 1, 28, 28]`` (pixels / 255, no mean/std)
-and returns ``logits`` ``[batch, 10]``. Add a model by writing a builder and listing it
-in `MODELS`.
+Fashion-MNIST models (``resnet``, ``mobilenetv2``, ``squeezenet``, ``shufflenetv2``,
+``vgg``) take ``input`` float32 ``[batch, 1, 28, 28]`` (pixels / 255) and return
+``logits`` ``[batch, 10]``. The ImageNet-style ones (``efficientnet_lite0``,
+``resnet18_224``, ``resnet50_224``) take ``[batch, 3, 224, 224]`` and return 1000 logits;
+their evaluation labels are the fp32 model's own predictions. Torch definitions live in
+`benchmarks.models`, training, photo crops and export in `benchmarks.zoo_build`. Cached under
+``benchmarks/cache/<name>/`` (model.onnx, model_legacy.onnx, state.pt, calib.npz,
+eval.npz, meta.json).
 
-Rebuild the demo model that ships inside the package::
-
-    python -m benchmarks.zoo demo
+    python -m benchmarks.zoo build [NAMES...] [--seed S] [--force]   # build and cache, write results/zoo.md
+    python -m benchmarks.zoo list                                   # name, cached?, fp32 top-1
+    python -m benchmarks.zoo demo                                   # rebuild the packaged demo model
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import fcntl
+import functools
+import json
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import torch
 from torch import nn
 
+from benchmarks import models
+from benchmarks.zoo_build import (
+    CONFIDENT_MARGIN,
+    EXPORTERS,
+    FMNIST_EPOCHS,
+    IMAGENET,
+    INPUT_NAME,
+    LEGACY_OPSET,
+    OPSET,
+    OUTPUT_NAME,
+    build_fmnist,
+    build_imagenet,
+    check_export,
+    export,
+    onnx_logits,
+    op_counts,
+    seed_everything,
+    to_input,
+    train,
+)
 from compressor.fashion_mnist import load_fashion_mnist
+from compressor.metrics import compute_cost
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-OPSET = 18
+__all__ = [
+    "CACHE",
+    "INPUT_NAME",
+    "LEGACY_OPSET",
+    "OPSET",
+    "OUTPUT_NAME",
+    "ZooModel",
+    "build_model",
+    "build_torch",
+    "check_export",
+    "export",
+    "get",
+    "names",
+    "onnx_logits",
+    "train",
+]
+
 DEMO_DIR = Path(__file__).resolve().parent.parent / "compressor" / "demo"
 DEMO_SAMPLES = 512
+CACHE = Path(__file__).resolve().parent / "cache"
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo.md"
+
+# Kept for `python -m benchmarks.zoo demo` and older imports.
+build_demo = models.build_demo
+MODELS: dict[str, Callable[[], nn.Module]] = {"demo": build_demo}
 
 
-def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    """3x3 Conv (no bias) + BatchNorm + ReLU."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+@dataclass(frozen=True)
+class ZooModel:
+    """One cached zoo model: its ONNX file, data sets and fp32 reference accuracy."""
+
+    name: str
+    onnx_path: Path  # the dynamo export (opset 18) unless exporter="legacy" (opset 17)
+    calib_path: Path  # .npz with 'x' (and 'y' where true labels exist)
+    eval_path: Path  # .npz with 'x', 'y', optional 'margin' (fp32 top-1 minus top-2 probability)
+    fp32_top1: float | None  # on eval_path, measured with onnxruntime
+    true_labels: bool  # False where 'y' are the fp32 model's own predictions
+    input_shape: tuple[int, ...]  # per sample, e.g. (1, 28, 28)
+    torch_state: Path | None  # state_dict (torch.load(..., weights_only=True)) for models we define
 
 
-class ResidualBlock(nn.Module):
-    """Two 3x3 Conv+BN with an identity shortcut: ``relu(x + bn(conv(relu(bn(conv(x))))))``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = conv_bn_relu(channels, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(x + self.bn2(self.conv2(self.conv1(x))))
+def names() -> list[str]:
+    """Every zoo model name, ``demo`` first."""
+    return ["demo", *FMNIST_EPOCHS, *IMAGENET]
 
 
-def build_demo() -> nn.Module:
-    """The demo CNN: about 113k parameters and 8.6M MACs per image."""
-    return nn.Sequential(
-        conv_bn_relu(1, 32),  # 28x28
-        nn.MaxPool2d(2),  # 14x14
-        ResidualBlock(32),
-        conv_bn_relu(32, 64, stride=2),  # 7x7
-        conv_bn_relu(64, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, 10),
+def build_torch(name: str) -> nn.Module:
+    """The architecture of ``name`` with fresh (untrained) weights, for loading ``torch_state``."""
+    _check_name(name)
+    return models.ARCHITECTURES[name]()
+
+
+def get(name: str, exporter: str = "dynamo", build: bool = True) -> ZooModel:
+    """Return the cached model ``name``, building it (seed 0) on first use.
+
+    Raises:
+        KeyError: unknown name.
+        ValueError: ``exporter`` is not ``"dynamo"`` or ``"legacy"``, or the model has no such export.
+        FileNotFoundError: ``build=False`` and the model is not cached.
+    """
+    _check_name(name)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}: use one of {sorted(EXPORTERS)}")
+    if name == "demo":
+        return _demo_model(exporter)
+    meta = read_meta(name)
+    if meta is None:
+        if not build:
+            raise FileNotFoundError(
+                f"zoo model {name!r} is not cached in {CACHE}: run `python -m benchmarks.zoo build {name}`"
+            )
+        meta = build_model(name, seed=0, force=False)
+    return _zoo_model(name, exporter, meta)
+
+
+def _check_name(name: str) -> None:
+    if name not in names():
+        raise KeyError(f"unknown zoo model {name!r}: choose from {', '.join(names())}")
+
+
+def read_meta(name: str) -> dict | None:
+    """The cached ``meta.json`` of ``name``, or None when it is not built."""
+    path = CACHE / name / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _zoo_model(name: str, exporter: str, meta: dict) -> ZooModel:
+    folder = CACHE / name
+    if exporter not in meta["exports"]:
+        raise ValueError(f"zoo model {name!r} has only the {', '.join(meta['exports'])} export")
+    export_meta = meta["exports"][exporter]
+    return ZooModel(
+        name=name,
+        onnx_path=folder / export_meta["file"],
+        calib_path=folder / "calib.npz",
+        eval_path=folder / "eval.npz",
+        fp32_top1=export_meta["eval_top1"],
+        true_labels=meta["true_labels"],
+        input_shape=tuple(meta["input_shape"]),
+        torch_state=folder / meta["torch_state"] if meta["torch_state"] else None,
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {
-    "demo": build_demo,
-}
+def _demo_model(exporter: str) -> ZooModel:
+    if exporter != "dynamo":
+        raise ValueError("the demo model ships only the dynamo export")
+    npz = DEMO_DIR / "demo.npz"
+    return ZooModel("demo", DEMO_DIR / "demo.onnx", npz, npz, _demo_top1(), True, (1, 28, 28), None)
 
 
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[N, 28, 28]`` images -> float32 ``[N, 1, 28, 28]`` in ``[0, 1]``."""
-    return (images.astype(np.float32) / 255.0)[:, None]
+@functools.lru_cache(maxsize=1)
+def _demo_top1() -> float:
+    with np.load(DEMO_DIR / "demo.npz") as data:
+        return float((onnx_logits(DEMO_DIR / "demo.onnx", data["x"]).argmax(1) == data["y"]).mean())
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy and make torch deterministic on 2 CPU threads."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
+# --- building and caching ---------------------------------------------------------------
 
 
-def train(
-    model: nn.Module,
-    epochs: int,
-    seed: int,
-    *,
-    lr: float = 4e-3,
-    batch_size: int = 128,
-    log: Callable[[str], None] = print,
-) -> nn.Module:
-    """Train ``model`` on the Fashion-MNIST train split; return it in eval mode.
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Hold an exclusive file lock for building ``name`` (concurrent `get` calls wait)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    Adam with a one-cycle schedule, random horizontal flips, cross-entropy loss.
-    Deterministic for a given ``seed`` on the same machine and thread count.
+
+def build_model(name: str, seed: int = 0, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Build ``name`` into ``CACHE/<name>`` unless cached with this ``seed``; return its meta.
+
+    The model is built in a scratch folder which then replaces the cached one, so readers
+    never see a half-written model.
     """
-    seed_everything(seed)
-    images, labels = load_fashion_mnist("train")
-    x_all = torch.from_numpy(to_input(images))
-    y_all = torch.from_numpy(labels)
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(x_all) / batch_size)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
-    model.train()
-    for epoch in range(epochs):
-        start, total_loss, correct = time.perf_counter(), 0.0, 0
-        for idx in torch.randperm(len(x_all), generator=gen).split(batch_size):
-            x, y = x_all[idx], y_all[idx]
-            flip = torch.rand(len(x), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = nn.functional.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item() * len(x)
-            correct += int((logits.argmax(1) == y).sum())
-        log(
-            f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(x_all):.4f}, "
-            f"train acc {correct / len(x_all):.4f}, {time.perf_counter() - start:.0f} s"
-        )
-    return model.to(memory_format=torch.contiguous_format).eval()
+    _check_name(name)
+    if name == "demo":
+        raise ValueError("the demo model ships with the package: rebuild it with `python -m benchmarks.zoo demo`")
+    with _locked(name):
+        meta = read_meta(name)
+        if meta is not None and meta["seed"] == seed and not force:
+            return meta
+        scratch = CACHE / f".{name}.building"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        start = time.perf_counter()
+        builder = build_fmnist if name in FMNIST_EPOCHS else build_imagenet
+        meta = {"name": name, "seed": seed, **builder(name, seed, scratch, lambda msg: log(f"[{name}] {msg}"))}
+        meta["build_s"] = round(time.perf_counter() - start, 1)
+        (scratch / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        final, trash = CACHE / name, CACHE / f".{name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        if final.exists():
+            final.rename(trash)
+        scratch.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+        log(f"[{name}] built in {meta['build_s']:.0f} s")
+        return meta
 
 
-def _drop_stack_traces(model: onnx.ModelProto) -> None:
-    """Remove the exporter's per-node Python stack traces (absolute paths, line numbers)."""
-    for node in model.graph.node:
-        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-
-
-def export(model: nn.Module, path: Path, dynamo: bool = True) -> None:
-    """Export ``model`` (in eval mode) to a self-contained ONNX file, opset 18.
-
-    The batch dimension is symbolic (``batch``). ``dynamo=True`` uses the torch.export-based
-    exporter, ``dynamo=False`` the TorchScript one. With torch 2.13 both fold eval-mode
-    BatchNorm into Conv (the dynamo exporter through its onnxscript optimizer), and the
-    dynamo one writes ``AdaptiveAvgPool2d(1)`` as ReduceMean rather than GlobalAveragePool.
-    """
-    model.eval()
-    example = (torch.zeros(2, 1, 28, 28),)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
-    if dynamo:
-        program = torch.onnx.export(
-            model,
-            example,
-            dynamo=True,
-            opset_version=OPSET,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            **names,
-        )
-        assert program is not None
-        proto = program.model_proto
-        _drop_stack_traces(proto)
-        onnx.save_model(proto, path)
-    else:
-        torch.onnx.export(
-            model,
-            example,
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            **names,
-        )
-    onnx.checker.check_model(onnx.load(path), full_check=True)
-
-
-def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Run the ONNX model on ``x`` with onnxruntime (CPU) and return its logits."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    chunks = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(chunks)
-
-
-def check_export(model: nn.Module, path: Path, x: np.ndarray, atol: float = 1e-4) -> float:
-    """Compare onnxruntime with torch on ``x``; raise if they differ by ``atol`` or more.
-
-    Also checks that the ONNX input's batch dimension is symbolic. Returns the max
-    absolute difference.
-    """
-    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
-    if not dims[0].dim_param or dims[0].HasField("dim_value"):
-        raise RuntimeError(f"{path}: batch dimension of {INPUT_NAME!r} is not symbolic")
-    with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(x)).numpy()
-    diff = float(np.abs(onnx_logits(path, x) - expected).max())
-    if not diff < atol:
-        raise RuntimeError(f"{path}: onnxruntime differs from torch by {diff:.2e}")
-    return diff
-
-
-def op_counts(path: Path) -> Counter[str]:
-    """Count the op types in the ONNX graph's main body."""
-    return Counter(node.op_type for node in onnx.load(path).graph.node)
+# --- demo package -----------------------------------------------------------------------
 
 
 def build_demo_package(epochs: int, seed: int, out_dir: Path = DEMO_DIR) -> float:
@@ -243,15 +257,111 @@ def build_demo_package(epochs: int, seed: int, out_dir: Path = DEMO_DIR) -> floa
     return accuracy
 
 
+# --- results table ----------------------------------------------------------------------
+
+
+def _row(name: str) -> tuple[str, str, str] | None:
+    """(table row, dynamo op types, legacy op-type difference) for a cached model, else None."""
+    meta = read_meta(name)
+    if name == "demo":
+        test_images, test_labels = load_fashion_mnist("test")
+        top1 = (onnx_logits(DEMO_DIR / "demo.onnx", to_input(test_images)).argmax(1) == test_labels).mean()
+        path, meta = DEMO_DIR / "demo.onnx", {"n_calib": DEMO_SAMPLES, "n_eval": DEMO_SAMPLES}
+        accuracy, timing, ops, legacy = f"{top1:.4f}", "shipped", op_counts(path), None
+    elif meta is None:
+        return None
+    else:
+        path, exports = CACHE / name / "model.onnx", meta["exports"]
+        accuracy = f"{exports['dynamo']['test_top1']:.4f}" if meta["true_labels"] else "n/a (labels = fp32)"
+        epochs = f", {meta['epochs']} epochs" if "epochs" in meta else " (BN calibration / load)"
+        timing, ops = f"{meta['train_s'] / 60:.1f} min{epochs}", Counter(exports["dynamo"]["ops"])
+        legacy = Counter(exports["legacy"]["ops"]) if "legacy" in exports else None
+    cost, size = compute_cost(onnx.load(path)), path.stat().st_size / 2**20
+    row = (
+        f"| {name} | {cost.params / 1e6:.3f} M | {cost.macs / 1e6:.1f} M | {size:.2f} MiB | {accuracy} | {timing} "
+        f"| {meta['n_calib']} / {meta['n_eval']} |"
+    )
+    dynamo_ops = ", ".join(f"{op} {n}" for op, n in sorted(ops.items()))
+    if legacy is None:
+        return row, dynamo_ops, "—"
+    diff = [f"{op} {ops[op]}→{legacy[op]}" for op in sorted(ops | legacy) if ops[op] != legacy[op]]
+    return row, dynamo_ops, "; ".join(diff) or "same"
+
+
+def write_report(path: Path = RESULTS) -> Path:
+    """Write the zoo table (params, MACs, size, accuracy, train time, op types) for cached models."""
+    rows = {name: row for name in names() if (row := _row(name)) is not None}
+    lines = [
+        "# Model zoo",
+        "",
+        "Written by `python -m benchmarks.zoo build`. Params and MACs (batch 1) from",
+        "`compressor.metrics.compute_cost` on the dynamo export (opset 18; BatchNorm folded by the exporter).",
+        "Top-1: fp32, onnxruntime, full 10k Fashion-MNIST test set. ImageNet-style models are labelled by",
+        "their own fp32 predictions on `skimage.data` photo crops. Train time on 2 shared CPU cores.",
+        "",
+        "| model | params | MACs | ONNX size | fp32 top-1 | train time | calib / eval |",
+        "|---|---|---|---|---|---|---|",
+        *(row[0] for row in rows.values()),
+        "",
+        "Op types (count) of the dynamo export, and where the legacy TorchScript export (opset 17) differs:",
+        "",
+        "| model | dynamo (opset 18) | legacy (opset 17): dynamo→legacy |",
+        "|---|---|---|",
+        *(f"| {name} | {row[1]} | {row[2]} |" for name, row in rows.items()),
+    ]
+    for name in IMAGENET:
+        if (meta := read_meta(name)) is not None:
+            lines.append(
+                f"\n{name}: {meta['confident']} of {meta['n_eval']} eval crops are confident (fp32 top-1 minus "
+                f"top-2 probability >= {CONFIDENT_MARGIN}); {meta['distinct_labels']} distinct fp32 classes."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def list_lines() -> list[str]:
+    """One line per zoo model: name, cached?, fp32 top-1 on its eval set."""
+    lines = []
+    for name in names():
+        meta = read_meta(name)
+        if name == "demo":
+            lines.append(f"{name:20s} packaged  eval top-1 {_demo_top1():.4f}")
+        elif meta is None:
+            lines.append(f"{name:20s} -")
+        else:
+            top1 = meta["exports"]["dynamo"].get("test_top1")
+            label = f"test top-1 {top1:.4f}" if top1 is not None else "labels = fp32 predictions"
+            lines.append(f"{name:20s} cached    {label} (seed {meta['seed']}, {', '.join(meta['exports'])})")
+    return lines
+
+
+# --- command line -----------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m benchmarks.zoo demo [--epochs N] [--seed S]``."""
+    """Command line: ``build [NAMES...]``, ``list`` or ``demo``; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__)
-    parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build and cache zoo models, then write results/zoo.md")
+    build.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {', '.join(names()[1:])}")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached with this seed")
+    sub.add_parser("list", help="name, cached?, fp32 top-1")
+    demo = sub.add_parser("demo", help="rebuild the demo model shipped in compressor/demo")
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.model == "demo":
+    if args.command == "demo":
         build_demo_package(args.epochs, args.seed)
+    elif args.command == "list":
+        print("\n".join(list_lines()))
+    else:
+        if unknown := sorted(set(args.names) - set(names()[1:])):
+            parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(names()[1:])}")
+        for name in args.names or names()[1:]:
+            build_model(name, args.seed, args.force)
+        print(f"wrote {write_report()}")
 
 
 if __name__ == "__main__":

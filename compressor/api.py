@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,11 @@ from compressor.errors import UsageError
 from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
 from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
 from compressor.passes import import_passes
+from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from compressor.pipeline import PassContext, Pipeline
 from compressor.report import Report, Row
+from compressor.sensitivity import LayerSensitivity, MixedPrecision
 
 TARGETS = ("fp32", "int8", "int16")
 IMPLEMENTED_TARGETS = ("fp32", "int8")
@@ -35,6 +37,7 @@ class Result:
     model: ir.Model
     lowered: onnx.ModelProto
     report: Report
+    sensitivity: list[LayerSensitivity] = field(default_factory=list)  # int8: worst layer first, when ranked
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> list[Path]:
         """Write the lowered model atomically; refuses to overwrite unless ``force``."""
@@ -58,6 +61,7 @@ def compress(
     threads: int = runtime.DEFAULT_THREADS,
     int8: Mapping[str, object] | None = None,
     qdq: bool = False,
+    explain: bool = False,
     unimplemented: Iterable[str] = (),
 ) -> Result:
     """Compress an ONNX model for a backend and measure it against the original.
@@ -66,7 +70,12 @@ def compress(
     ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). ``int8``
     overrides fields of `QuantizeInt8Config` (the backend's fast-path choices are
     the defaults); ``qdq`` keeps the portable QDQ form instead of fused
-    integer operators. Raises a
+    integer operators. The int8 path first equalizes Conv pairs (lossless),
+    quantizes with bias correction, then keeps the most sensitive layers in
+    float while the output SQNR on calibration data is below
+    ``int8={"min_sqnr_db": 30.0}`` (None turns the search off; at most
+    ``max_float_fraction`` of the compute layers). ``explain`` ranks every
+    layer's sensitivity (``Result.sensitivity``) even when no search runs. Raises a
     `CompressorError` subclass for bad input. ``unimplemented`` lists requested
     features (e.g. CLI flags) that do not exist yet, so they fail loudly.
     """
@@ -92,7 +101,12 @@ def compress(
         instruments.append(DumpIR(dump_ir))
     passes = import_passes()
     if target == "int8":
-        quantize = QuantizeInt8(int8_config(chosen_backend, int8))
+        config = int8_config(chosen_backend, int8)
+        equalize = EqualizeCrossLayer() if config.equalize else None
+        if equalize is not None:
+            passes.append(equalize)
+        mixed = MixedPrecision(explain=explain) if config.min_sqnr_db is not None or explain else None
+        quantize = QuantizeInt8(config, choose_float=mixed)
         passes.append(quantize)
     records = Pipeline(passes).run(working, context, instruments)
     lowered = chosen_backend.lower(working)
@@ -102,10 +116,19 @@ def compress(
         backend=chosen_backend.name,
         passes=[r.as_dict() for r in records],
     )
+    sensitivity: list[LayerSensitivity] = []
     if target == "int8":
-        report.kept_float = {**quantize.skipped, **chosen_backend.rejected}
+        report.kept_float = {**chosen_backend.rejected, **quantize.skipped}
+        if equalize is not None:
+            record = next(r for r in report.passes if r["name"] == equalize.name)
+            record["equalized"], record["rejections"] = equalize.equalized, equalize.rejections
+        if mixed is not None:
+            sensitivity = mixed.sensitivity
+            record = report.passes[-1]
+            record["sensitivity"] = [layer.as_dict() for layer in sensitivity]
+            record["mixed_precision"] = [{"kept_float": list(kept), "sqnr_db": db} for kept, db in mixed.history]
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency)
-    return Result(working, lowered, report)
+    return Result(working, lowered, report, sensitivity)
 
 
 def int8_config(backend: Backend, overrides: Mapping[str, object] | None = None) -> QuantizeInt8Config:

@@ -18,6 +18,8 @@ examples:
   compress model.onnx --target fp32                 normalise: fold BN, drop Identity/dead nodes
   compress model.onnx --target int8 --calib calib.npz --eval test.npz
   compress model.onnx --target int8 --calib calib.npz --format qdq --calibration percentile
+  compress model.onnx --target int8 --calib calib.npz --explain 10   rank layers by int8 sensitivity
+  compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
 
@@ -62,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 calibration method (default minmax)",
     )
     parser.add_argument("--keep-float", nargs="+", default=[], metavar="NODE", help="nodes to leave in float")
+    parser.add_argument(
+        "--min-sqnr",
+        type=float,
+        metavar="DB",
+        help="int8: keep the most sensitive layers (at most 10%%) in float until the output SQNR on the "
+        "calibration data reaches DB (default 30; 0 turns the search off)",
+    )
+    parser.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=10,
+        metavar="N",
+        help="int8: measure each layer's sensitivity and print the N most sensitive (default 10)",
+    )
     parser.add_argument("--report", help="write the summary and per-pass records as JSON")
     parser.add_argument("--verify", action="store_true", help="check each pass's numerics against onnxruntime")
     parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
@@ -121,6 +138,7 @@ def _main(argv: Sequence[str] | None) -> int:
         threads=args.threads,
         int8=_int8_overrides(args),
         qdq=args.format == "qdq",
+        explain=args.explain is not None,
         unimplemented=unimplemented,
     )
     result.save(output, force=force)
@@ -130,6 +148,12 @@ def _main(argv: Sequence[str] | None) -> int:
     for record in result.report.passes:
         status = "changed" if record["modified"] else "no change"
         print(f"  pass {record['name']:<22} {record['seconds'] * 1e3:8.1f} ms  {status}")
+    if args.explain is not None and result.sensitivity:
+        from compressor.sensitivity import format_table
+
+        print(f"\nmost sensitive layers (model output SQNR vs fp32 with only that layer in int8), {args.explain} of "
+              f"{len(result.sensitivity)}:")  # fmt: skip
+        print(format_table(result.sensitivity, args.explain))
     if result.report.kept_float:
         print(f"left in float ({len(result.report.kept_float)}):")
         for node, why in result.report.kept_float.items():
@@ -147,6 +171,8 @@ def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["calibration"] = args.calibration
     if args.keep_float:
         overrides["keep_float"] = frozenset(args.keep_float)
+    if args.min_sqnr is not None:
+        overrides["min_sqnr_db"] = args.min_sqnr
     return overrides
 
 
@@ -197,6 +223,10 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if (args.explain is not None or args.min_sqnr is not None) and args.target != "int8":
+        raise UsageError("--explain and --min-sqnr apply to --target int8 only")
+    if args.explain is not None and args.explain < 1:
+        raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
     return model, calib, evaluation, output, force
 
 

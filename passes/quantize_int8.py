@@ -9,11 +9,21 @@ the CPU backend lowers it further to fused QLinear* operators.
 Relu/Clip that are the sole consumer of a quantized op are fused: the tensor
 after the activation is quantized instead of the one before it, so the
 activation disappears into the output range when lowered.
+
+Calibration (`calibrate`) and rewriting (`apply_quantization`) are separate, so
+one set of `CalibrationStats` serves many variants of a model (the
+sensitivity analysis quantizes one layer at a time with the same ranges).
+
+Bias correction (Nagel et al. 2019, empirical form): weight rounding shifts
+each output channel's mean by ``eps = (W_q - W) @ E[x]``; calibration also
+records the per-channel mean of every compute node's input, and ``eps`` is
+subtracted from the bias before the bias is quantized.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -21,6 +31,7 @@ from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor import calibration
+from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
 from compressor.ir import add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
@@ -28,16 +39,24 @@ from compressor.quant_params import QuantParams, activation_params, quantize_wei
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
-PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
+INT32_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class QuantizeInt8Config:
-    """The whole int8 tuning space: the tuner searches exactly these fields."""
+    """The whole int8 tuning space: the tuner searches exactly these fields.
+
+    ``equalize`` (cross-layer equalization before calibration) and the mixed
+    precision search (``min_sqnr_db``, ``max_float_fraction``,
+    ``sensitivity_samples``) are applied around this pass by
+    `compressor.compress` and `compressor.sensitivity`; the pass itself only
+    reads the quantization fields and ``keep_float``.
+    """
 
     calibration: str = "minmax"  # one of compressor.calibration.METHODS
     percentile: float = 99.99
@@ -47,9 +66,15 @@ class QuantizeInt8Config:
     weight_bits: int = 7  # 7 keeps onnxruntime's u8s8 kernels on their fast, overflow-free path
     power_of_two: bool = False
     per_channel: bool = True
-    bias_correction: bool = False
+    bias_correction: bool = True
     keep_float: frozenset[str] = field(default_factory=frozenset)  # node names left in float
     batch_size: int = 8
+    equalize: bool = True  # cross-layer equalization of Conv pairs first (compressor.compress)
+    # Mixed precision: while the model-output SQNR on calibration data is below this, keep the
+    # most sensitive layer in float (None: never), up to this fraction of the compute layers.
+    min_sqnr_db: float | None = 30.0
+    max_float_fraction: float = 0.1
+    sensitivity_samples: int = 32  # calibration samples per SQNR measurement
 
     def __post_init__(self) -> None:
         checks = {
@@ -65,20 +90,55 @@ class QuantizeInt8Config:
             raise UsageError(f"int8 config: percentile={self.percentile} must be in (50, 100]")
         if self.num_samples < 1:
             raise UsageError("int8 config: num_samples must be >= 1")
+        if not 0.0 <= self.max_float_fraction <= 1.0:
+            raise UsageError(f"int8 config: max_float_fraction={self.max_float_fraction} must be in [0, 1]")
+        if self.sensitivity_samples < 1:
+            raise UsageError("int8 config: sensitivity_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What calibration measured, reusable across variants of the same float model.
+
+    ``ranges``: tensor name -> clipping range from the configured observer;
+    ``means``: compute node input name -> per-channel mean (for bias correction).
+    """
+
+    ranges: Mapping[str, tuple[float, float]]
+    means: Mapping[str, np.ndarray]
+    samples: int
+
+
+# A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
+FloatChooser = Callable[[ir.Model, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
 
 
 class QuantizeInt8(Pass):
-    """Calibrate on the context's data and rewrite the model into int8 QDQ form."""
+    """Calibrate on the context's data (or use given ``stats``) and rewrite the model into int8 QDQ form.
+
+    ``choose_float``, when given, is asked which further nodes to keep in float
+    once the statistics are known (the mixed-precision search of
+    `compressor.sensitivity.MixedPrecision`); its reasons land in ``skipped``.
+    """
 
     name = "quantize_int8"
     needs = frozenset({"calibration"})
     tolerance = Tolerance(max_relative_error=None, min_sqnr_db=10.0)
 
-    def __init__(self, config: QuantizeInt8Config | None = None) -> None:
+    def __init__(
+        self,
+        config: QuantizeInt8Config | None = None,
+        stats: CalibrationStats | None = None,
+        choose_float: FloatChooser | None = None,
+    ) -> None:
         super().__init__()
         self.config = config or QuantizeInt8Config()
+        self.stats = stats
+        self.choose_float = choose_float
         self.params: dict[str, QuantParams] = {}
         self.skipped: dict[str, str] = {}  # node name -> why it stayed in float
+        self.corrected: dict[str, float] = {}  # node name -> max |bias correction|
+        self.calibrated: CalibrationStats | None = None  # the statistics the last run used
 
     def requires(self, model: ir.Model) -> None:
         found = sorted({n.op_type for n in model.graph if n.op_type in ALREADY_QUANTIZED_OPS})
@@ -86,32 +146,118 @@ class QuantizeInt8(Pass):
             raise ModelError(f"the model is already quantized (it has {', '.join(found)}); pass the float model")
 
     def call(self, model: ir.Model) -> PassResult:
-        graph = model.graph
-        plan = _Plan.build(graph, self.config)
+        plan = _Plan.build(model.graph, self.config)
         self.skipped = plan.skipped
         if not plan.tensors:
             return PassResult(model, False)
-        context = PassContext.current()
-        if context.calibration is None:
-            raise ModelError("int8 quantization needs calibration data: pass --calib DATA.npz")
-        levels = 256
-        observers = {
-            name: calibration.make_observer(self.config.calibration, self.config.percentile, levels)
-            for name in plan.observed()
-        }
-        calibration.collect(
-            model, context.calibration, observers, num_samples=self.config.num_samples,
-            batch_size=self.config.batch_size,
-        )  # fmt: skip
-        self.params = {name: activation_params(*obs.range(), self.config) for name, obs in observers.items()}
-        for alias, source in plan.shared.items():
-            self.params[alias] = self.params[source]
-        input_params = [self.params[node.inputs[0].name] for node in plan.compute]
-        _insert_qdq(graph, plan, self.params)
-        for node, params in zip(plan.compute, input_params, strict=True):
-            _quantize_weights(graph, node, params, self.config)
-        RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
+        stats = self.stats
+        if stats is None:
+            context = PassContext.current()
+            if context.calibration is None:
+                raise ModelError("int8 quantization needs calibration data: pass --calib DATA.npz")
+            stats = calibrate(model, context.calibration, self.config)
+        self.calibrated = stats
+        config = self.config
+        extra = dict(self.choose_float(model, stats, config)) if self.choose_float else {}
+        if extra:
+            config = replace(config, keep_float=config.keep_float | frozenset(extra))
+        applied = apply_quantization(model, config, stats)
+        self.params, self.corrected = applied.params, applied.corrected
+        self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
+
+
+def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> CalibrationStats:
+    """Observe every tensor any variant of ``model`` may quantize (``keep_float`` ignored), in one data pass."""
+    plan = _Plan.build(model.graph, replace(config, keep_float=frozenset()))
+    levels = 256
+    # Pass-through outputs too: a variant that keeps the pass-through op in float quantizes them on their own.
+    observers: dict[str, calibration.Observer] = {
+        name: calibration.make_observer(config.calibration, config.percentile, levels) for name in plan.tensors
+    }
+    means: dict[str, ChannelMeanObserver] = {}
+    if config.bias_correction:
+        for node in plan.compute:
+            name = node.inputs[0].name
+            if name not in means:
+                means[name] = ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
+                observers[name] = means[name]
+    calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=config.batch_size)
+    ranges = {name: obs.range() for name, obs in observers.items() if name in plan.tensors}
+    samples = min(config.num_samples, dataset.num_samples)
+    return CalibrationStats(ranges, {name: obs.mean() for name, obs in means.items() if obs.count}, samples)
+
+
+def quantizable_nodes(model: ir.Model, config: QuantizeInt8Config) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """(name, op) of each compute node ``config`` quantizes, and the names of every node it may quantize.
+
+    Unnamed nodes cannot be kept in float by name, so they are not listed.
+    """
+    plan = _Plan.build(model.graph, config)
+    compute = [(node.name, node.op_type) for node in plan.compute if node.name]
+    ops = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS
+    return compute, frozenset(node.name for node in model.graph if node.op_type in ops and node.name)
+
+
+@dataclass
+class Applied:
+    """What `apply_quantization` did: activation params, nodes left in float, bias corrections."""
+
+    params: dict[str, QuantParams]
+    skipped: dict[str, str]
+    corrected: dict[str, float]
+
+
+def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats) -> Applied:
+    """Rewrite ``model`` in place into QDQ form with ranges (and means) from ``stats``."""
+    graph = model.graph
+    plan = _Plan.build(graph, config)
+    missing = [name for name in plan.observed() if name not in stats.ranges]
+    if missing:
+        raise ModelError(f"calibration statistics lack tensor(s) {', '.join(missing[:3])}: recalibrate this model")
+    params = {name: activation_params(*stats.ranges[name], config) for name in plan.observed()}
+    for alias, source in plan.shared.items():
+        params[alias] = params[source]
+    inputs = [(params[node.inputs[0].name], stats.means.get(node.inputs[0].name)) for node in plan.compute]
+    _insert_qdq(graph, plan, params)
+    corrected: dict[str, float] = {}
+    for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
+        shift = _quantize_weights(graph, node, input_params, config, mean if config.bias_correction else None)
+        if shift is not None:
+            corrected[node.name or node.op_type] = shift
+    RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
+    return Applied(params, plan.skipped, corrected)
+
+
+class ChannelMeanObserver(calibration.Observer):
+    """Running per-channel mean on ``axis`` (sum and count: fixed-size state).
+
+    Wraps the tensor's range observer, if it has one, so one calibration run feeds both.
+    """
+
+    __slots__ = ("axis", "count", "inner", "total")
+
+    def __init__(self, axis: int = 1, inner: calibration.Observer | None = None) -> None:
+        self.axis, self.count, self.total, self.inner = axis, 0, np.zeros(0), inner
+
+    def update(self, values: np.ndarray) -> None:
+        if self.inner is not None:
+            self.inner.update(values)
+        rows = np.moveaxis(np.asarray(values), self.axis, -1)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if self.count == 0:
+            self.total = np.zeros(rows.shape[1], np.float64)
+        self.total += rows.sum(axis=0, dtype=np.float64)
+        self.count += rows.shape[0]
+
+    def range(self) -> tuple[float, float]:
+        return self.inner.range() if self.inner is not None else (0.0, 0.0)
+
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    def state_bytes(self) -> int:
+        return self.total.nbytes + (self.inner.state_bytes() if self.inner is not None else 0)
 
 
 @dataclass
@@ -202,7 +348,10 @@ def _fused_output(node: ir.Node) -> ir.Value:
 
 
 def _constant_clip(node: ir.Node) -> bool:
-    return node.op_type == "Relu" or all(v is None or v.const_value is not None for v in node.inputs[1:])
+    """Relu, or a Clip whose bounds are constants (initializers or Constant nodes)."""
+    return node.op_type == "Relu" or all(
+        v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs[1:]
+    )
 
 
 def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:
@@ -229,7 +378,14 @@ def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams]) ->
             graph.insert_after(producer, [quantize, dequantize])
 
 
-def _quantize_weights(graph: ir.Graph, node: ir.Node, input_params: QuantParams, config: QuantizeInt8Config) -> None:
+def _quantize_weights(
+    graph: ir.Graph,
+    node: ir.Node,
+    input_params: QuantParams,
+    config: QuantizeInt8Config,
+    mean: np.ndarray | None,
+) -> float | None:
+    """Quantize ``node``'s weight and bias; with ``mean``, bias-correct first. Returns max |correction|."""
     weight = node.inputs[1]
     array = weight.const_value.numpy().astype(np.float32)
     axis = _channel_axis(node, array.ndim)
@@ -243,19 +399,48 @@ def _quantize_weights(graph: ir.Graph, node: ir.Node, input_params: QuantParams,
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is None or bias.const_value is None or len(bias.const_value.shape) != 1:
-        return
-    bias_scale = (np.float32(input_params.scale) * scale).astype(np.float32)
-    bias_q = np.clip(np.round(bias.const_value.numpy() / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-    if bias_scale.ndim == 0:
-        bias_scale = np.full(bias_q.shape, bias_scale, dtype=np.float32)
+    bias_array = None if bias is None else ir.convenience.get_const_tensor(bias)
+    if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
+        return None  # a non-constant or broadcast bias stays float
+    bias_array = None if bias_array is None else bias_array.numpy().astype(np.float64)
+    shift = None
+    if mean is not None and node.op_type in ("Conv", "Gemm"):
+        shape = [1] * array.ndim
+        shape[axis] = -1
+        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        shift = _output_shift(node, dequantized - array, mean)
+        if shift is not None:
+            bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
+    if bias_array is None:
+        return None
+    bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
+    bias_scale = np.broadcast_to(bias_scale, bias_array.shape).astype(np.float32)
+    bias_q = np.clip(np.round(bias_array / bias_scale.astype(np.float64)), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
     bq_value = add_initializer(graph, f"{base}_bias_quantized", bias_q)
     bs_value = add_initializer(graph, f"{base}_bias_scale", bias_scale)
     bz_value = add_initializer(graph, f"{base}_bias_zero_point", np.zeros(bias_q.shape, np.int32))
     bias_dq = ir.Node("", "DequantizeLinear", [bq_value, bs_value, bz_value], attributes=[ir.AttrInt64("axis", 0)],
                       name=f"{base}_bias_dq")  # fmt: skip
     graph.insert_before(node, bias_dq)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
     node.replace_input_with(2, bias_dq.outputs[0])
+    return None if shift is None else float(np.max(np.abs(shift)))
+
+
+def _output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Per-output-channel mean shift ``(W_q - W) * E[x]`` of a Conv or Gemm, or None if shapes disagree."""
+    if node.op_type == "Conv":
+        groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        out_channels, in_per_group = delta.shape[:2]
+        if mean.shape != (in_per_group * groups,) or out_channels % groups:
+            return None
+        per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=-1)
+        group_of = np.arange(out_channels) // (out_channels // groups)
+        return np.sum(per_input * mean.reshape(groups, in_per_group)[group_of], axis=1)
+    trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+    matrix = delta if trans_b else delta.T  # [N, K]
+    return matrix @ mean if mean.shape == (matrix.shape[1],) else None
 
 
 def _channel_axis(node: ir.Node, ndim: int) -> int:

@@ -1,0 +1,411 @@
+"""Recipes for the peers we compare against, and for our own API.
+
+Every recipe is a module-level ``fn(model, out_path) -> Path`` run by the harness in a
+child process; heavy libraries are imported inside the functions so a recipe's peak
+RSS only counts what it uses. A recipe that does not apply raises `NotApplicable`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from benchmarks.harness import NotApplicable
+from compressor import ir as cir
+from compressor import runtime
+from compressor.data import Dataset
+
+if TYPE_CHECKING:
+    from benchmarks.zoo import ZooModel
+
+CALIB_BATCH = 1  # samples per calibration call, as ORT's and NNCF's examples feed them
+PRUNE_TARGET = 0.6  # fraction of MACs to remove
+PRUNE_TOLERANCE = 0.02
+LOWRANK_TARGET = 0.2  # factored layers keep this fraction of their params
+
+
+def _calib(model: ZooModel) -> Dataset:
+    return Dataset(model.calib_path, runtime.input_specs(cir.load_model(model.onnx_path)))
+
+
+def _feeds(model: ZooModel) -> Iterator[dict[str, np.ndarray]]:
+    for batch in _calib(model).batches(batch_size=CALIB_BATCH):
+        yield batch.feeds
+
+
+# ---------------------------------------------------------------- onnxruntime
+
+
+def _ort_reader(model: ZooModel):
+    """A `CalibrationDataReader` streaming the calib npz, one sample per call."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class NpzReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = _feeds(model)
+
+    return NpzReader()
+
+
+def _ort_quantize(model: ZooModel, out_path: Path, *, preprocess: bool, **options) -> Path:
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = model.onnx_path
+    if preprocess:
+        source = out_path.with_name("preprocessed.onnx")
+        quant_pre_process(str(model.onnx_path), str(source))
+    quantize_static(str(source), str(out_path), _ort_reader(model), **options)
+    return out_path
+
+
+def _ort_best_flags(**extra):
+    from onnxruntime.quantization import QuantType
+
+    return {
+        "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8,
+        "per_channel": True,
+        "reduce_range": True,
+        **extra,
+    }
+
+
+def ort_defaults(model: ZooModel, out_path: Path) -> Path:
+    """`quantize_static` as users call it: QDQ, s8 activations and weights, per-tensor, MinMax."""
+    return _ort_quantize(model, out_path, preprocess=False)
+
+
+def ort_defaults_preprocessed(model: ZooModel, out_path: Path) -> Path:
+    """The defaults after `quant_pre_process`."""
+    return _ort_quantize(model, out_path, preprocess=True)
+
+
+def ort_best(model: ZooModel, out_path: Path) -> Path:
+    """ORT's hand-found fast flags: u8 activations, s8 per-channel 7-bit weights, pre-processed."""
+    return _ort_quantize(model, out_path, preprocess=True, **_ort_best_flags())
+
+
+def ort_entropy(model: ZooModel, out_path: Path) -> Path:
+    """The best flags with entropy (KL) calibration."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    flags = _ort_best_flags(calibrate_method=CalibrationMethod.Entropy)
+    return _ort_quantize(model, out_path, preprocess=True, **flags)
+
+
+def ort_percentile(model: ZooModel, out_path: Path) -> Path:
+    """The best flags with percentile (99.999%) calibration."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    flags = _ort_best_flags(calibrate_method=CalibrationMethod.Percentile)
+    return _ort_quantize(model, out_path, preprocess=True, **flags)
+
+
+# ---------------------------------------------------------------- NNCF
+
+
+class _Replayable:
+    """An iterable NNCF can walk more than once; each walk streams the npz again."""
+
+    def __init__(self, model: ZooModel) -> None:
+        self.model = model
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return _feeds(self.model)
+
+    def __len__(self) -> int:
+        return math.ceil(_calib(self.model).num_samples / CALIB_BATCH)
+
+
+def nncf_default(model: ZooModel, out_path: Path) -> Path:
+    """`nncf.quantize` on the ONNX model, default preset, every calibration sample."""
+    import nncf
+
+    data = _Replayable(model)
+    quantized = nncf.quantize(onnx.load(str(model.onnx_path)), nncf.Dataset(data), subset_size=len(data))
+    onnx.save(quantized, str(out_path))
+    return out_path
+
+
+# ---------------------------------------------------------------- Torch-Pruning
+
+
+def _torch_model(model: ZooModel):
+    import torch
+
+    from benchmarks.zoo import build_torch
+
+    if model.torch_state is None:
+        raise NotApplicable("needs a torch model; this zoo entry has no torch state")
+    net = build_torch(model.name)
+    net.load_state_dict(torch.load(model.torch_state, weights_only=True))
+    return net.eval()
+
+
+def _onnx_io(model: ZooModel) -> tuple[str, str, tuple[int, ...]]:
+    proto = onnx.load(str(model.onnx_path), load_external_data=False)
+    graph_input, output = proto.graph.input[0], proto.graph.output[0]
+    dims = tuple(d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim)
+    return graph_input.name, output.name, dims[1:]
+
+
+def prune_torch(model: ZooModel, out_path: Path, *, target: float, global_pruning: bool, finetune: bool) -> Path:
+    """L1-magnitude channel pruning to ``target`` MACs removed, exported with the dynamo exporter."""
+    import torch
+    import torch_pruning as tp
+
+    net = _torch_model(model)
+    input_name, output_name, sample_shape = _onnx_io(model)
+    example = torch.zeros(1, *sample_shape)
+    base_macs, _ = tp.utils.count_ops_and_params(net, example)
+    classifier = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][-1]
+
+    def pruned(ratio: float) -> tuple[torch.nn.Module, float]:
+        candidate = copy.deepcopy(net)
+        last = dict(net.named_modules())
+        name = next(n for n, m in last.items() if m is classifier)
+        pruner = tp.pruner.MetaPruner(
+            candidate, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+            global_pruning=global_pruning, max_pruning_ratio=0.9, ignored_layers=[candidate.get_submodule(name)],
+        )  # fmt: skip
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(candidate, example)
+        return candidate, 1.0 - macs / base_macs
+
+    low, high, best = 0.0, 0.95, None
+    for _ in range(14):
+        ratio = (low + high) / 2
+        candidate, removed = pruned(ratio)
+        if best is None or abs(removed - target) < abs(best[1] - target):
+            best = (candidate, removed)
+        if abs(removed - target) <= PRUNE_TOLERANCE:
+            break
+        low, high = (ratio, high) if removed < target else (low, ratio)
+    net, _ = best
+    if finetune:
+        _finetune(model, net)
+    _export(net.eval(), out_path, input_name, output_name, sample_shape)
+    return out_path
+
+
+def _finetune(model: ZooModel, net) -> None:
+    if not model.true_labels or _onnx_io(model)[2] != (1, 28, 28):
+        raise NotApplicable("fine-tuning is only wired for the Fashion-MNIST models")
+    from benchmarks.zoo import train
+
+    train(net, 1, 0, lr=1e-3)
+
+
+def _export(net, out_path: Path, input_name: str, output_name: str, sample_shape: tuple[int, ...]) -> None:
+    import torch
+
+    program = torch.onnx.export(
+        net, (torch.zeros(2, *sample_shape),), dynamo=True, opset_version=18,
+        dynamic_shapes=({0: torch.export.Dim("batch")},), input_names=[input_name], output_names=[output_name],
+    )  # fmt: skip
+    onnx.save(program.model_proto, str(out_path))
+
+
+def tp_uniform(model: ZooModel, out_path: Path) -> Path:
+    """Torch-Pruning, L1 magnitude, the same ratio in every layer, ~60% MACs removed, no fine-tune."""
+    return prune_torch(model, out_path, target=PRUNE_TARGET, global_pruning=False, finetune=False)
+
+
+def tp_global(model: ZooModel, out_path: Path) -> Path:
+    """Torch-Pruning, L1 magnitude ranked globally (≤ 90% per layer), ~60% MACs removed, no fine-tune."""
+    return prune_torch(model, out_path, target=PRUNE_TARGET, global_pruning=True, finetune=False)
+
+
+def tp_uniform_finetuned(model: ZooModel, out_path: Path) -> Path:
+    """`tp_uniform` then one epoch of fine-tuning on Fashion-MNIST train."""
+    return prune_torch(model, out_path, target=PRUNE_TARGET, global_pruning=False, finetune=True)
+
+
+# ---------------------------------------------------------------- truncated-SVD low rank
+
+
+@dataclass(frozen=True)
+class LowRankStats:
+    """What `svd_lowrank` factored: layer count and their params before and after."""
+
+    layers: int
+    params_before: int
+    params_after: int
+
+
+def _matrix(node: onnx.NodeProto, weights: dict[str, np.ndarray], conv: bool) -> np.ndarray | None:
+    """The node's weight as a 2-D matrix ``[out, in]``, or None when it is not factorable."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w = weights.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "MatMul" and w.ndim == 2:
+        return w.T
+    if node.op_type == "Gemm" and w.ndim == 2:
+        return w if attrs.get("transB", 0) else w.T
+    if conv and node.op_type == "Conv" and w.ndim >= 3 and attrs.get("group", 1) == 1:
+        return w.reshape(w.shape[0], -1)
+    return None
+
+
+def _rank(matrix: np.ndarray, fraction: float) -> int:
+    return max(1, math.ceil(fraction * min(matrix.shape)))
+
+
+def _factored(matrix: np.ndarray, rank: int, skip_larger: bool) -> bool:
+    m, n = matrix.shape
+    return not (skip_larger and rank * (m + n) >= m * n)
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    return weights
+
+
+def choose_fraction(proto: onnx.ModelProto, target: float, *, conv: bool) -> float:
+    """The rank fraction whose factored layers keep about ``target`` of their params (bisection)."""
+    weights = _constants(proto)
+    matrices = [m for node in proto.graph.node if (m := _matrix(node, weights, conv)) is not None]
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        fraction = (low + high) / 2
+        kept = [(m.size, _rank(m, fraction) * sum(m.shape)) for m in matrices]
+        kept = [(b, a) for (b, a), m in zip(kept, matrices, strict=True) if _factored(m, _rank(m, fraction), True)]
+        share = sum(a for _, a in kept) / max(1, sum(b for b, _ in kept))
+        low, high = (fraction, high) if share < target else (low, fraction)
+    return low
+
+
+def svd_lowrank(
+    proto: onnx.ModelProto, fraction: float, *, conv: bool = False, skip_larger: bool = True
+) -> tuple[onnx.ModelProto, LowRankStats]:
+    """Replace each constant 2-D Gemm/MatMul weight (and group-1 Conv with ``conv``) by a rank-r product.
+
+    ``r = ceil(fraction * min(m, n))``. A Gemm/MatMul becomes two of the same op; a Conv
+    becomes a k×k Conv to r channels then a 1×1 Conv. Layers whose factors would hold
+    as many params as the original are skipped when ``skip_larger``.
+    """
+    model = copy.deepcopy(proto)
+    weights = _constants(model)
+    nodes, new_inits, layers, before, after = [], [], 0, 0, 0
+    for node in model.graph.node:
+        matrix = _matrix(node, weights, conv)
+        rank = _rank(matrix, fraction) if matrix is not None else 0
+        if matrix is None or not _factored(matrix, rank, skip_larger):
+            nodes.append(node)
+            continue
+        u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+        root = np.sqrt(s[:rank])
+        left, right = (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+        pair, inits = _split(node, left, right, weights[node.input[1]].shape)
+        nodes += pair
+        new_inits += inits
+        layers, before, after = layers + 1, before + matrix.size, after + left.size + right.size
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    _drop_unused_initializers(model)
+    return model, LowRankStats(layers, before, after)
+
+
+def _split(
+    node: onnx.NodeProto, left: np.ndarray, right: np.ndarray, shape: tuple[int, ...]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Two nodes computing ``node`` with ``W[out, in] ≈ left[out, r] @ right[r, in]``."""
+    name = node.name or node.output[0]
+    first, second, mid = f"{name}/svd_in", f"{name}/svd_out", f"{node.output[0]}/svd_mid"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        w_in = right.reshape(right.shape[0], *shape[1:])
+        w_out = left.reshape(*left.shape, *([1] * (len(shape) - 2)))
+        a = helper.make_node("Conv", [node.input[0], first], [mid], name=first, **attrs)
+        b_attrs = {"kernel_shape": [1] * (len(shape) - 2)} if "kernel_shape" in attrs else {}
+        b = helper.make_node("Conv", [mid, second, *node.input[2:]], list(node.output), name=second, **b_attrs)
+    elif node.op_type == "MatMul":
+        w_in, w_out = right.T, left.T
+        a = helper.make_node("MatMul", [node.input[0], first], [mid], name=first)
+        b = helper.make_node("MatMul", [mid, second], list(node.output), name=second)
+    else:  # Gemm: y = alpha * A' @ W' + beta * C with W' = right.T @ left.T as [in, out]
+        w_in, w_out = right.T, left.T
+        a = helper.make_node("Gemm", [node.input[0], first], [mid], name=first, transA=attrs.get("transA", 0))
+        tail = {k: attrs[k] for k in ("alpha", "beta") if k in attrs}
+        b = helper.make_node("Gemm", [mid, second, *node.input[2:]], list(node.output), name=second, **tail)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w_in), first), numpy_helper.from_array(w_out, second)]
+    return [a, b], inits
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    outputs = {o.name for o in model.graph.output}
+    consumed = {name for node in model.graph.node for name in node.input} | outputs
+    live = [n for n in model.graph.node if n.op_type != "Identity" or n.output[0] in consumed]
+    del model.graph.node[:]
+    model.graph.node.extend(live)
+    used = {name for node in model.graph.node for name in node.input} | outputs
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _lowrank(model: ZooModel, out_path: Path, *, conv: bool) -> Path:
+    proto = onnx.load(str(model.onnx_path))
+    fraction = choose_fraction(proto, LOWRANK_TARGET, conv=conv)
+    factored, stats = svd_lowrank(proto, fraction, conv=conv)
+    if stats.layers == 0:
+        raise NotApplicable("no layer where a rank-r factorisation is smaller")
+    onnx.save(factored, str(out_path))
+    return out_path
+
+
+def svd_gemm(model: ZooModel, out_path: Path) -> Path:
+    """Truncated SVD of every constant Gemm/MatMul weight, ~20% of their params kept, no fine-tune."""
+    return _lowrank(model, out_path, conv=False)
+
+
+def svd_gemm_conv(model: ZooModel, out_path: Path) -> Path:
+    """Truncated SVD of Gemm/MatMul and group-1 Conv weights (k×k→r, 1×1→out), ~20% params kept."""
+    return _lowrank(model, out_path, conv=True)
+
+
+# ---------------------------------------------------------------- ours
+
+
+def _ours(model: ZooModel, out_path: Path, target: str) -> Path:
+    from compressor import compress
+    from compressor.errors import UsageError
+
+    try:
+        result = compress(model.onnx_path, target=target, calib=model.calib_path, measure_latency=False)
+    except UsageError as exc:
+        if "not implemented" in str(exc):
+            raise NotApplicable(str(exc)) from None
+        raise
+    result.save(out_path)
+    return out_path
+
+
+def ours_fp32(model: ZooModel, out_path: Path) -> Path:
+    """`compressor.compress(target="fp32")`: import, clean-up passes, lowering."""
+    return _ours(model, out_path, "fp32")
+
+
+def ours_int8(model: ZooModel, out_path: Path) -> Path:
+    """`compressor.compress(target="int8")`; not applicable while the API refuses it."""
+    return _ours(model, out_path, "int8")

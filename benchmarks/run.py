@@ -1,0 +1,290 @@
+"""Run the side-by-side benchmarks and write ``benchmarks/results/*.md`` and plots.
+
+    python -m benchmarks.run                      # int8, prune, lowrank on the cached default models
+    python -m benchmarks.run --fast               # Fashion-MNIST models only, 500 eval samples, 10 runs
+    python -m benchmarks.run --slow               # adds efficientnet_lite0, resnet50_224 and scale.md
+    python -m benchmarks.run --only scale         # only the calibration-scale table (resnet50_224)
+    python -m benchmarks.run --models demo resnet --only int8
+
+Models that are not cached yet are skipped with a note; build them with
+``python -m benchmarks.zoo build``. Every recipe runs in its own child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import harness, peers
+from benchmarks.harness import Recipe, Row
+from benchmarks.readme import HEADLINE_END, HEADLINE_START, RESULTS
+from benchmarks.zoo import ZooModel, get
+
+FMNIST = ("demo", "resnet", "mobilenetv2", "squeezenet", "shufflenetv2", "vgg")
+DEFAULT_MODELS = (*FMNIST, "resnet18_224")
+SLOW_MODELS = ("efficientnet_lite0", "resnet50_224")
+SCALE_MODEL, SCALE_CALIB = "resnet50_224", 512
+LARGE_INPUT = 100_000  # input elements per sample above which heavy recipes need --slow
+
+OURS_FP32 = Recipe("ours fp32 (reference)", "ours", "fp32", peers.ours_fp32)
+OURS_INT8 = Recipe("ours int8", "ours", "int8", peers.ours_int8)
+ORT_DEFAULTS = Recipe("ORT quantize_static (defaults)", "peer", "int8", peers.ort_defaults)
+ORT_BEST = Recipe("ORT best flags (u8/s8, per-channel, reduce_range, pre-process)", "peer", "int8", peers.ort_best)
+INT8 = [
+    OURS_FP32,
+    OURS_INT8,
+    ORT_DEFAULTS,
+    Recipe("ORT defaults + quant_pre_process", "peer", "int8", peers.ort_defaults_preprocessed),
+    ORT_BEST,
+    Recipe("ORT best flags, Entropy calibration", "peer", "int8", peers.ort_entropy, heavy=True),
+    Recipe("ORT best flags, Percentile calibration", "peer", "int8", peers.ort_percentile, heavy=True),
+    Recipe("NNCF quantize (default preset)", "peer", "int8", peers.nncf_default, heavy=True),
+]
+PRUNE = [
+    Recipe("Torch-Pruning L1 uniform, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_uniform),
+    Recipe("Torch-Pruning L1 global, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_global),
+]
+PRUNE_FINETUNED = Recipe(
+    "Torch-Pruning L1 uniform, ~60% MACs, 1 epoch fine-tune", "peer", "prune", peers.tp_uniform_finetuned
+)
+LOWRANK = [
+    Recipe("truncated SVD, Gemm/MatMul, ~20% params", "peer", "lowrank", peers.svd_gemm),
+    Recipe("truncated SVD, Gemm/MatMul + Conv, ~20% params", "peer", "lowrank", peers.svd_gemm_conv),
+]
+SCALE = [ORT_DEFAULTS, ORT_BEST, OURS_INT8]
+
+BASE_COLUMNS = ["model", "recipe", "top1_fp32", "top1", "drop", "agreement"]
+SPEED_COLUMNS = ["size_ratio", "speedup_b1", "speedup_b8", "wall"]
+COLUMNS = {
+    "int8": [*BASE_COLUMNS, "agreement_confident", "sqnr", *SPEED_COLUMNS, "rss", "note"],
+    "prune": [*BASE_COLUMNS, "sqnr", "macs_removed", "params_fraction", *SPEED_COLUMNS, "note"],
+    "lowrank": [*BASE_COLUMNS, "sqnr", "params_fraction", "macs_removed", *SPEED_COLUMNS, "note"],
+    "scale": ["model", "recipe", "calib", "wall", "rss", "base_rss", "agreement", "sqnr", "size_ratio", "note"],
+}
+LEGEND = (
+    "loss (pt): fp32 top-1 minus compressed top-1 on the eval set, in points; for models whose labels are the fp32 "
+    "predictions (224×224 ones) it is 100 − agreement. agree: top-1 agreement with fp32; agree (margin≥0.1): on "
+    "samples whose fp32 top-1/top-2 probability margin is ≥ 0.1. SQNR: logits vs fp32. × smaller: size on disk, "
+    "fp32 / compressed. speed-up: fp32 / compressed median latency, onnxruntime CPU, 2 intra-op threads, both "
+    "sessions alive with spinning off, A/B interleaved. wall s / peak RSS MB: the recipe alone, in a child process "
+    "(peak RSS = VmHWM, includes the interpreter and imported libraries)."
+)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One results file: its recipes, the text under the title, and the models it covers."""
+
+    key: str
+    title: str
+    recipes: list[Recipe]
+    notes: list[str]
+
+
+def load_models(names: Sequence[str]) -> tuple[list[ZooModel], list[str]]:
+    """The cached zoo models among ``names``, and a note for each one skipped."""
+    found, skipped = [], []
+    for name in names:
+        try:
+            found.append(get(name, build=False))
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            skipped.append(name)
+            print(f"skip {name}: {exc}")
+    return found, skipped
+
+
+def run_rows(
+    models: Sequence[ZooModel], recipes: Sequence[Recipe], runs: int, eval_limit: int | None, slow: bool = True
+) -> list[Row]:
+    """Measure every recipe on every model, one child process at a time.
+
+    Without ``slow``, heavy recipes are not run on large-input models; their rows say so.
+    """
+    rows = []
+    for model in models:
+        for recipe in recipes:
+            start = time.perf_counter()
+            if recipe.heavy and not slow and math.prod(model.input_shape) > LARGE_INPUT:
+                note = "not run: slow and memory-hungry at 224×224 (add --slow)"
+                row = Row(model.name, recipe.name, recipe.family, recipe.kind, note=note)
+            else:
+                row = harness.measure(model, recipe, runs=runs, eval_limit=eval_limit)
+            drop = "—" if row.drop_pt is None else f"{row.drop_pt:+.2f} pt"
+            took = time.perf_counter() - start
+            print(f"{model.name:>18} | {recipe.name:<58} | {drop:>10} | {took:5.0f} s | {row.note}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _fmt(kind: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    formats = {"pt": "{:+.2f}", "x": "{:.2f}×", "%": "{:.1%}", "s": "{:.1f}", "mb": "{:.0f}"}
+    return formats[kind].format(value)
+
+
+SUMMARY: dict[str, tuple[str, str, Callable[[list[Row]], float | None]]] = {
+    "median_loss": ("median loss (pt)", "pt", lambda ok: _median([r.drop_pt for r in ok])),
+    "size": ("median × smaller", "x", lambda ok: _median([r.size_ratio for r in ok])),
+    "macs": ("median MACs removed", "%", lambda ok: _median([r.macs_removed for r in ok])),
+    "params": ("median params kept", "%", lambda ok: _median([r.params_fraction for r in ok])),
+    "b1": ("median speed-up b1", "x", lambda ok: _median([r.speedup(1) for r in ok])),
+    "b8": ("median speed-up b8", "x", lambda ok: _median([r.speedup(8) for r in ok])),
+    "wall": ("median wall s", "s", lambda ok: _median([r.wall_s for r in ok])),
+    "rss": ("max peak RSS MB", "mb", lambda ok: max((r.peak_rss_mb for r in ok if r.peak_rss_mb), default=None)),
+}
+SUMMARY_KEYS = {
+    "int8": ["median_loss", "size", "b1", "b8", "wall", "rss"],
+    "prune": ["median_loss", "macs", "params", "b1", "b8"],
+    "lowrank": ["median_loss", "params", "macs", "size", "b1"],
+    "scale": ["wall", "rss", "size"],
+}
+
+
+def summary_lines(rows: Sequence[Row], recipes: Sequence[Recipe], keys: Sequence[str]) -> list[str]:
+    """Per-method headline: models measured, worst loss (and on which model), then medians over models."""
+    headers = ["method", "models ok", "worst loss (pt)", *(SUMMARY[k][0] for k in keys)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for recipe in recipes:
+        mine = [r for r in rows if r.recipe == recipe.name]
+        ok = [r for r in mine if r.ok]
+        scored = [r for r in ok if r.drop_pt is not None]
+        worst = max(scored, key=lambda r: r.drop_pt, default=None)
+        worst_text = f"{_fmt('pt', worst.drop_pt)} ({worst.model})" if worst else "—"
+        if not ok and mine:
+            worst_text = mine[0].note.replace("|", "\\|")[:100]
+        cells = [recipe.name, f"{len(ok)}/{len(mine)}", worst_text]
+        cells += [_fmt(SUMMARY[k][1], SUMMARY[k][2](ok)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(table: Table, rows: list[Row], skipped: list[str]) -> None:
+    """Write ``results/<key>.md`` (headline summary, notes, full table) and its plots."""
+    summary = summary_lines(rows, table.recipes, SUMMARY_KEYS[table.key])
+    intro = ["## Headline", "", HEADLINE_START, *summary, HEADLINE_END, ""]
+    intro += [*table.notes, "", LEGEND]
+    if skipped:
+        intro += ["", f"Not cached when this ran, so skipped: {', '.join(skipped)} (`python -m benchmarks.zoo build`)."]
+    intro += ["", "## All rows"]
+    path = harness.write_table(rows, RESULTS / f"{table.key}.md", table.title, COLUMNS[table.key], intro=intro)
+    if table.key != "scale":
+        plots = harness.plot(rows, RESULTS / table.key)
+        with path.open("a") as f:
+            f.write("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+    print(f"wrote {path}")
+
+
+def with_calib_samples(model: ZooModel, count: int, folder: Path) -> tuple[ZooModel, str]:
+    """``model`` with a calibration file of exactly ``count`` samples (the first ones), if it has that many."""
+    with np.load(model.calib_path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    have = len(arrays["x"])
+    if have < count:
+        return model, f"calib set holds {have} samples, fewer than {count}"
+    path = folder / f"{model.name}-calib{count}.npz"
+    np.savez(path, **{k: v[:count] for k, v in arrays.items()})
+    return dataclasses.replace(model, calib_path=path), ""
+
+
+def run_scale(runs: int) -> None:
+    """Calibration cost at scale: int8 of resnet50_224 with 512 calibration crops."""
+    models, skipped = load_models([SCALE_MODEL])
+    rows: list[Row] = []
+    note = ""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        if models:
+            model, note = with_calib_samples(models[0], SCALE_CALIB, Path(tmp))
+            rows = run_rows([model], SCALE, runs=runs, eval_limit=256)
+    notes = [
+        f"int8 of {SCALE_MODEL} (random weights, 224×224) calibrated on {SCALE_CALIB} crops, one sample per call. "
+        "Agreement and SQNR on the first 256 eval crops. Our int8 row shows the API's own answer until it lands.",
+        *([f"Note: {note}."] if note else []),
+    ]
+    write_results(Table("scale", "Calibration at scale: wall time and peak memory", SCALE, notes), rows, skipped)
+
+
+def tables(finetune: bool) -> dict[str, Table]:
+    """The int8, prune and lowrank tables."""
+    not_ours = "Our {} does not exist yet: no row for it (no numbers are made up)."
+    prune_recipes = [*PRUNE, *([PRUNE_FINETUNED] if finetune else [])]
+    prune_note = "Fine-tuning is off by default (`--finetune` adds a 1-epoch row); these rows prune without it."
+    return {
+        "int8": Table(
+            "int8",
+            "int8 post-training quantization: peers vs ours",
+            INT8,
+            [
+                "*ours int8* calls `compressor.compress(target='int8')`; while that raises *not implemented "
+                "yet*, its row says so. *ours fp32* is the measurement's own noise floor.",
+                "ORT: `quantize_static`, QDQ, calibration one sample per call. NNCF: `nncf.quantize` on the ONNX "
+                "model, subset_size = all calibration samples.",
+            ],
+        ),
+        "prune": Table(
+            "prune",
+            "Structured pruning: peers vs ours",
+            prune_recipes,
+            [
+                not_ours.format("pruning"),
+                "Torch-Pruning (MetaPruner, MagnitudeImportance p=1) on the torch model, classifier kept, "
+                "pruning ratio bisected to ~60% MACs removed, channel counts not rounded (`round_to=None`, its "
+                "default), exported with torch.onnx.export(dynamo=True). "
+                "Needs the torch model, so the demo and EfficientNet rows are not applicable. " + prune_note,
+            ],
+        ),
+        "lowrank": Table(
+            "lowrank",
+            "Low-rank factorisation: peers vs ours",
+            LOWRANK,
+            [
+                not_ours.format("low-rank pass"),
+                "Truncated SVD on the ONNX weights, no fine-tune: W ≈ U_r·V_r with r = ceil(f·min(m, n)), one f "
+                "per model bisected so the factored layers keep ~20% of their params; layers where the factors "
+                "would be larger are left alone. Convs become k×k→r then 1×1→out.",
+            ],
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="Fashion-MNIST models, 500 eval samples, 10 runs")
+    parser.add_argument("--slow", action="store_true", help="add efficientnet_lite0, resnet50_224 and scale.md")
+    parser.add_argument("--models", nargs="+", help="zoo names (default: the cached default set)")
+    parser.add_argument("--only", choices=["int8", "prune", "lowrank", "scale"])
+    parser.add_argument("--finetune", action="store_true", help="add a pruning row with 1 epoch of fine-tuning")
+    parser.add_argument("--runs", type=int, default=None, help="latency runs per model (default 20, --fast 10)")
+    args = parser.parse_args(argv)
+    runs = args.runs or (10 if args.fast else 20)
+    eval_limit = 500 if args.fast else None
+    names = args.models or (FMNIST if args.fast else [*DEFAULT_MODELS, *(SLOW_MODELS if args.slow else ())])
+    start = time.perf_counter()
+    selected = [k for k in ("int8", "prune", "lowrank") if args.only in (None, k)]
+    if selected:
+        models, skipped = load_models(names)
+        for key in selected:
+            table = tables(args.finetune)[key]
+            write_results(table, run_rows(models, table.recipes, runs, eval_limit, args.slow), skipped)
+    if args.only == "scale" or (args.only is None and args.slow):
+        run_scale(runs)
+    print(f"done in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
