@@ -136,8 +136,37 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
     except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
         inferred = proto
     shapes = _known_shapes(inferred.graph)
+    missing = [n.output[0] for n in inferred.graph.node if n.op_type in MAC_OPS and n.output[0] not in shapes]
+    if missing:  # ONNX shape inference stops at contrib ops (QLinearAdd, QGemm, ...): ask onnxruntime
+        shapes.update(_shapes_by_running(proto, [i for n in proto.graph.node if n.op_type in MAC_OPS for i in n.input]))
     macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
     return ComputeCost(macs=int(macs), params=int(params))
+
+
+MAC_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "QLinearMatMul",
+                     "MatMulInteger", "QGemm"})  # fmt: skip
+
+
+def _shapes_by_running(proto: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the MAC ops' inputs and outputs from one onnxruntime run on zeros (batch 1)."""
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    wanted = {n for n in names if n} | {n.output[0] for n in probe.graph.node if n.op_type in MAC_OPS}
+    initializer_names = {t.name for t in probe.graph.initializer}
+    wanted -= initializer_names | {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in sorted(wanted))
+    feeds = {}
+    for graph_input in probe.graph.input:
+        if graph_input.name in initializer_names:
+            continue
+        tensor_type = graph_input.type.tensor_type
+        dims = [d.dim_value for d in tensor_type.shape.dim]
+        feeds[graph_input.name] = np.zeros(dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - a metric must not fail the run; unknown shapes count 0 MACs
+        return {}
+    return {o.name: tuple(v.shape) for o, v in zip(session.get_outputs(), outputs, strict=True)}
 
 
 def _known_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
@@ -162,12 +191,12 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> i
             return 0
         # weight is [C_in, C_out / group, k...]: every input element feeds C_out/group * k outputs.
         return int(np.prod(inputs[0])) * int(np.prod(inputs[1][1:]))
-    if node.op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger"):
+    if node.op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "QGemm"):
         a = inputs[0]
         if a is None or output is None:
             return 0
         trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
-        k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
+        k = a[-2] if (node.op_type in ("Gemm", "QGemm") and trans_a) else a[-1]
         return int(np.prod(output)) * int(k)
     return 0
 
