@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-all lint bench zoo clean
+.PHONY: setup setup-bench data demo test test-all lint bench zoo clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,17 @@ test: setup data lint
 test-all: setup data
 	$(BIN)/python -m pytest -q
 
-zoo: setup data
-	$(BIN)/python -m benchmarks.zoo demo
+setup-bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+
+# Trains and exports the model zoo into benchmarks/cache/ (git-ignored); about 30 min on 2 idle cores.
+zoo: setup-bench data
+	$(BIN)/python -m benchmarks.zoo build
+
+# Peers side by side with ours; ARGS=--slow adds EfficientNet-Lite0, ResNet-50 224 and the scale table.
+bench: zoo
+	$(BIN)/python -m benchmarks.run $(ARGS)
+	$(BIN)/python -m benchmarks.readme
 
 clean:
 	rm -rf build dist *.egg-info compressor-demo .pytest_cache
