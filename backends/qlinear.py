@@ -211,18 +211,37 @@ def lower_same_params(graph: ir.Graph, node: ir.Node) -> None:
     source, target = found.inputs[0], found.output
     if found.activation is not None:
         raise Rejection("activation after a pass-through op")
-    same = all(
-        np.array_equal(_const(x), _const(y))
-        for x, y in ((source.scale, target.scale), (source.zero_point, target.zero_point))
-    )
-    if not same:
-        raise Rejection("input and output quantization parameters differ")
+    _check_same_params(source, target)
     rest = list(node.inputs[1:])
     new = ir.Node(node.domain, node.op_type, [source.value, *rest], attributes=_attributes(node), name=node.name)
     _replace(graph, found, [new])
 
 
+def lower_pad(graph: ir.Graph, node: ir.Node) -> None:
+    """A constant-mode Pad runs on the integer tensor with the zero point as its pad value."""
+    mode = node.attributes["mode"].as_string() if "mode" in node.attributes else "constant"
+    if mode != "constant":
+        raise Rejection(f"Pad mode {mode!r} is not constant")
+    pad_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if pad_value is not None and float(_const(pad_value)) != 0.0:
+        raise Rejection("Pad value is not 0")
+    found = match(node, [0])
+    source = found.inputs[0]
+    _check_same_params(source, found.output)
+    zero = source.zero_point
+    axes = [node.inputs[3]] if len(node.inputs) > 3 else []
+    new = ir.Node("", "Pad", [source.value, node.inputs[1], zero, *axes], attributes=_attributes(node), name=node.name)
+    _replace(graph, found, [new])
+
+
+def _check_same_params(source: Quantized, target: Quantized) -> None:
+    pairs = ((source.scale, target.scale), (source.zero_point, target.zero_point))
+    if not all(np.array_equal(_const(x), _const(y)) for x, y in pairs):
+        raise Rejection("input and output quantization parameters differ")
+
+
 RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
+    "Pad": lower_pad,
     "Conv": lower_conv,
     "MatMul": lower_matmul,
     "Gemm": lower_matmul,

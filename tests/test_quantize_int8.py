@@ -213,6 +213,28 @@ def test_fused_lowering_is_within_one_step_of_qdq(demo_x: np.ndarray) -> None:
     assert compute_cost(fused).macs == compute_cost(onnx.load(DEMO_ONNX)).macs
 
 
+def test_constant_pad_runs_on_the_integer_tensor(small_calib: Path) -> None:
+    proto = conv_bn_model(identity=False)
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    conv2 = next(n for n in proto.graph.node if n.name == "conv2")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    proto.graph.node.insert(
+        list(proto.graph.node).index(conv2), helper.make_node("Pad", ["r1", "pads"], ["padded"], name="pad")
+    )
+    conv2.input[0] = "padded"
+    del conv2.attribute[:]  # the Pad now supplies the border
+    assert relu.output[0] == "r1"
+    model = imported(proto)
+    quantize(model, small_calib, replace(BASE, min_sqnr_db=None))
+    backend = get_backend("cpu")
+    fused = backend.lower(model)
+    pad = next(n for n in fused.graph.node if n.op_type == "Pad")
+    producer = next(n for n in fused.graph.node if pad.input[0] in n.output)
+    assert producer.op_type == "QLinearConv" and backend.rejected == {}
+    x = random_input((8, 3, 8, 8), seed=3)
+    assert sqnr_db(logits(cir.to_proto(model), x), logits(fused, x)) > 40
+
+
 def test_qdq_format_is_kept_on_request(small_calib: Path) -> None:
     model = imported(conv_bn_model())
     quantize(model, small_calib)
