@@ -110,6 +110,13 @@ class Pass(InPlacePass):
     name: ClassVar[str] = "pass"
     needs: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[Tolerance] = LOSSLESS
+    config_class: ClassVar[type | None] = None  # the frozen dataclass that configures the pass
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__()
+        if config is None and self.config_class is not None:
+            config = self.config_class()
+        self.config = config
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -25,10 +25,8 @@ class CanonicalizePooling(Pass):
     """ReduceMean(axes = spatial, rank 4) -> GlobalAveragePool [-> Flatten]."""
 
     name = "canonicalize_pooling"
-
-    def __init__(self, config: CanonicalizePoolingConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or CanonicalizePoolingConfig()
+    config_class = CanonicalizePoolingConfig
+    config: CanonicalizePoolingConfig
 
     def call(self, model: ir.Model) -> PassResult:
         modified = False

@@ -32,10 +32,8 @@ class Cleanup(Pass):
     """Eliminate Identity and unused nodes (lossless)."""
 
     name = "cleanup"
-
-    def __init__(self, config: CleanupConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or CleanupConfig()
+    config_class = CleanupConfig
+    config: CleanupConfig
 
     def call(self, model: ir.Model) -> PassResult:
         steps: list[ir.passes.PassBase] = []

@@ -61,10 +61,11 @@ class EqualizeCrossLayer(Pass):
     """Balance per-channel weight ranges across Conv -> [Relu] -> Conv pairs; lossless in float."""
 
     name = "equalize_cross_layer"
+    config_class = EqualizeCrossLayerConfig
+    config: EqualizeCrossLayerConfig
 
     def __init__(self, config: EqualizeCrossLayerConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or EqualizeCrossLayerConfig()
+        super().__init__(config)
         self.rejections: list[str] = []
         self.equalized: dict[str, int] = {}  # pair -> number of channels rescaled
 

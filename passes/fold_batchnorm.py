@@ -29,10 +29,11 @@ class FoldBatchNorm(Pass):
     """Rewrite Conv -> BatchNormalization as one Conv with adjusted weight and bias."""
 
     name = "fold_batchnorm"
+    config_class = FoldBatchNormConfig
+    config: FoldBatchNormConfig
 
     def __init__(self, config: FoldBatchNormConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or FoldBatchNormConfig()
+        super().__init__(config)
         self.rejections: list[str] = []
 
     def call(self, model: ir.Model) -> PassResult:

@@ -42,10 +42,8 @@ class FoldConstants(Pass):
     """Replace constant subexpressions by initializers (lossless; VerifyNumerics checks it)."""
 
     name = "fold_constants"
-
-    def __init__(self, config: FoldConstantsConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or FoldConstantsConfig()
+    config_class = FoldConstantsConfig
+    config: FoldConstantsConfig
 
     def call(self, model: ir.Model) -> PassResult:
         modified = False

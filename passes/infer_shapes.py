@@ -34,10 +34,8 @@ class InferShapes(Pass):
     """
 
     name = "infer_shapes"
-
-    def __init__(self, config: InferShapesConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or InferShapesConfig()
+    config_class = InferShapesConfig
+    config: InferShapesConfig
 
     def call(self, model: ir.Model) -> PassResult:
         proto = ir.to_proto(model)

@@ -30,10 +30,8 @@ class UpgradeOpset(Pass):
     """Convert a model below ``min_opset`` to exactly ``min_opset`` (lossless)."""
 
     name = "upgrade_opset"
-
-    def __init__(self, config: UpgradeOpsetConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or UpgradeOpsetConfig()
+    config_class = UpgradeOpsetConfig
+    config: UpgradeOpsetConfig
 
     def call(self, model: ir.Model) -> PassResult:
         current = default_opset(model)
