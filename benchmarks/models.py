@@ -18,6 +18,7 @@ __all__ = [
     "ARCHITECTURES",
     "build_demo",
     "calibrate_batchnorm",
+    "calibrate_classifier",
     "channel_shuffle",
     "load_efficientnet_lite0",
 ]
@@ -331,6 +332,25 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn
     for batch in batches:
         model(batch)
     return model.eval()
+
+
+@torch.no_grad()
+def calibrate_classifier(model: nn.Sequential, batches: Iterable[torch.Tensor], logit_std: float = 3.0) -> nn.Module:
+    """Make the final Linear act on standardised features, with logits of std ``logit_std``.
+
+    With random weights every image has nearly the same pooled features, so the logits of
+    all images agree and top-1 collapses onto a few classes with near-ties. Afterwards
+    ``fc(f) = g * W (f - mean) / std``: per-image logits that spread like a trained net's.
+    """
+    model.eval()
+    features = torch.cat([model[:-1](batch) for batch in batches])
+    fc = model[-1]
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    weight = fc.weight / std
+    gain = logit_std / float(((features - mean) @ weight.T).std())
+    fc.weight.copy_(weight * gain)
+    fc.bias.copy_(-(fc.weight @ mean))
+    return model
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {

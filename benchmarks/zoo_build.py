@@ -36,6 +36,7 @@ FMNIST_EPOCHS: dict[str, int] = {"resnet": 6, "mobilenetv2": 5, "squeezenet": 5,
 FMNIST_CALIB, FMNIST_EVAL = 512, 2000
 CONFIDENT_MARGIN = 0.1  # fp32 top-1 minus top-2 probability of a "confident" crop
 BN_BATCHES, BN_BATCH = 20, 16  # BatchNorm calibration of the random-weight ResNets
+LOGIT_STD = 3.0  # their logits' spread: median top-1 probability ~0.2, as EfficientNet-Lite0 on these crops
 PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field",
     "immunohistochemistry", "retina", "stereo_motorcycle", "clock", "moon", "brick", "grass", "gravel",
@@ -234,8 +235,8 @@ def onnx_logits(path: Path, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def check_export(model: nn.Module, path: Path, x: np.ndarray, atol: float = 1e-4) -> float:
-    """Compare onnxruntime with torch on ``x``; raise if they differ by ``atol`` or more.
+def check_export(model: nn.Module, path: Path, x: np.ndarray, atol: float = 1e-4, rtol: float = 0.0) -> float:
+    """Compare onnxruntime with torch on ``x``; raise if they differ by ``atol + rtol * max|logit|`` or more.
 
     Also checks that the ONNX input's batch dimension is symbolic. Returns the max
     absolute difference.
@@ -246,7 +247,7 @@ def check_export(model: nn.Module, path: Path, x: np.ndarray, atol: float = 1e-4
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(x)).numpy()
     diff = float(np.abs(onnx_logits(path, x, batch_size=32) - expected).max())
-    if not diff < atol:
+    if not diff < atol + rtol * float(np.abs(expected).max()):
         raise RuntimeError(f"{path}: onnxruntime differs from torch by {diff:.2e}")
     return diff
 
@@ -260,14 +261,19 @@ def op_counts(path: Path) -> Counter[str]:
 
 
 def export_all(
-    model: nn.Module, folder: Path, exporters: list[str], input_shape: tuple[int, ...], check_x: np.ndarray
+    model: nn.Module,
+    folder: Path,
+    exporters: list[str],
+    input_shape: tuple[int, ...],
+    check_x: np.ndarray,
+    rtol: float = 0.0,
 ) -> dict[str, dict]:
-    """Export with each exporter, check against torch, return per-export meta."""
+    """Export with each exporter, check against torch (`check_export`), return per-export meta."""
     out = {}
     for exporter in exporters:
         file, dynamo, opset = EXPORTERS[exporter]
         export(model, folder / file, dynamo, input_shape=input_shape, opset=opset)
-        diff = check_export(model, folder / file, check_x)
+        diff = check_export(model, folder / file, check_x, rtol=rtol)
         out[exporter] = {"file": file, "opset": opset, "max_abs_diff": diff, "ops": dict(op_counts(folder / file))}
     return out
 
@@ -304,7 +310,7 @@ def build_fmnist(name: str, seed: int, folder: Path, log: Callable[[str], None])
 
 
 def build_imagenet(name: str, seed: int, folder: Path, log: Callable[[str], None]) -> dict:
-    """Load EfficientNet-Lite0 or make a BN-calibrated random ResNet; photo-crop data; dynamo export."""
+    """Load EfficientNet-Lite0 or make a random ResNet with calibrated BN and classifier; photo crops; export."""
     start, spec = time.perf_counter(), IMAGENET[name]
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -314,11 +320,13 @@ def build_imagenet(name: str, seed: int, folder: Path, log: Callable[[str], None
         model, state = models.ARCHITECTURES[name](), "state.pt"
         bn_x = torch.from_numpy(spec.preprocess(photo_crops(BN_BATCHES * BN_BATCH, [seed, 3])))
         models.calibrate_batchnorm(model, bn_x.split(BN_BATCH))
+        models.calibrate_classifier(model, bn_x.split(BN_BATCH), LOGIT_STD)
         torch.save(model.state_dict(), folder / state)
     setup_s = time.perf_counter() - start
     np.savez(folder / "calib.npz", x=spec.preprocess(photo_crops(spec.n_calib, [seed, 1])))
     x_eval = spec.preprocess(photo_crops(spec.n_eval, [seed, 2]))
-    exports = export_all(model, folder, ["dynamo"], (3, 224, 224), x_eval[:8])
+    # 50 layers of float32 rounding: ResNet-50's logits (|max| ~10) differ by up to ~5e-4.
+    exports = export_all(model, folder, ["dynamo"], (3, 224, 224), x_eval[:8], rtol=1e-4)
     logits = onnx_logits(folder / exports["dynamo"]["file"], x_eval, batch_size=32)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     top2 = np.sort(probs / probs.sum(1, keepdims=True), axis=1)[:, -2:]

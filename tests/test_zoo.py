@@ -106,6 +106,17 @@ def test_calibrate_batchnorm_matches_activation_statistics() -> None:
     torch.testing.assert_close(model[1].running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
 
 
+def test_calibrate_classifier_spreads_logits_per_image() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 50))
+    batches = [torch.rand(32, 16) + 5.0 for _ in range(2)]  # positive, alike features, as after ReLU + pooling
+    models.calibrate_classifier(model, batches, logit_std=3.0)
+    with torch.no_grad():
+        logits = torch.cat([model(b) for b in batches])
+    assert abs(float(logits.std()) - 3.0) < 0.1
+    assert len(set(logits.argmax(1).tolist())) > 10
+
+
 def test_photo_crops_are_deterministic_and_distinct_by_seed() -> None:
     first, again, other = (zoo_build.photo_crops(3, seed, size=32) for seed in ([0, 1], [0, 1], [0, 2]))
     assert first.shape == (3, 32, 32, 3) and first.dtype == np.uint8
