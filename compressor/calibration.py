@@ -157,6 +157,37 @@ class HistogramObserver(Observer):
         return _with_zero(max(self.low, -threshold), min(self.high, threshold))
 
 
+class ChannelMeanObserver(Observer):
+    """Running per-channel mean on ``axis`` (sum and count: fixed-size state).
+
+    Wraps the tensor's range observer, if it has one, so one calibration run feeds both.
+    """
+
+    __slots__ = ("axis", "count", "inner", "total")
+
+    def __init__(self, axis: int = 1, inner: Observer | None = None) -> None:
+        self.axis, self.count, self.total, self.inner = axis, 0, np.zeros(0), inner
+
+    def update(self, values: np.ndarray) -> None:
+        if self.inner is not None:
+            self.inner.update(values)
+        rows = np.moveaxis(np.asarray(values), self.axis, -1)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if self.count == 0:
+            self.total = np.zeros(rows.shape[1], np.float64)
+        self.total += rows.sum(axis=0, dtype=np.float64)
+        self.count += rows.shape[0]
+
+    def range(self) -> tuple[float, float]:
+        return self.inner.range() if self.inner is not None else (0.0, 0.0)
+
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    def state_bytes(self) -> int:
+        return self.total.nbytes + (self.inner.state_bytes() if self.inner is not None else 0)
+
+
 def _kl_threshold(hist: np.ndarray, edges: np.ndarray, target_bins: int) -> float:
     """TensorRT's calibration: the |x| threshold whose quantized distribution is closest in KL."""
     best_threshold, best_kl = float(edges[-1]), np.inf

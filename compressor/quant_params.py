@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx_ir as ir
 
 if TYPE_CHECKING:
     from compressor.passes.quantize_int8 import QuantizeInt8Config
@@ -92,3 +93,27 @@ def quantize_weight(
     q = np.clip(np.round(weight / scale) + zero, qmin, qmax).astype(np.int8)
     flat = scale.reshape(-1) if config.per_channel else scale.reshape(())
     return q, flat.astype(np.float32), zero.reshape(flat.shape).astype(np.int8)
+
+
+def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Per-output-channel mean shift ``(W_q - W) * E[x]`` of a Conv or Gemm, or None if shapes disagree."""
+    if node.op_type == "Conv":
+        groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        out_channels, in_per_group = delta.shape[:2]
+        if mean.shape != (in_per_group * groups,) or out_channels % groups:
+            return None
+        per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=-1)
+        group_of = np.arange(out_channels) // (out_channels // groups)
+        return np.sum(per_input * mean.reshape(groups, in_per_group)[group_of], axis=1)
+    trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+    matrix = delta if trans_b else delta.T  # [N, K]
+    return matrix @ mean if mean.shape == (matrix.shape[1],) else None
+
+
+def weight_channel_axis(node: ir.Node, ndim: int) -> int:
+    """The output-channel axis of the weight: 0 for Conv and Gemm(transB=1), else the last."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int():
+        return 0
+    return ndim - 1

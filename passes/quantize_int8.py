@@ -35,7 +35,7 @@ from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
 from compressor.ir import add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
-from compressor.quant_params import QuantParams, activation_params, quantize_weight
+from compressor.quant_params import QuantParams, activation_params, output_shift, quantize_weight, weight_channel_axis
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
@@ -178,12 +178,12 @@ def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> 
     observers: dict[str, calibration.Observer] = {
         name: calibration.make_observer(config.calibration, config.percentile, levels) for name in plan.tensors
     }
-    means: dict[str, ChannelMeanObserver] = {}
+    means: dict[str, calibration.ChannelMeanObserver] = {}
     if config.bias_correction:
         for node in plan.compute:
             name = node.inputs[0].name
             if name not in means:
-                means[name] = ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
+                means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
     calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=config.batch_size)
     ranges = {name: obs.range() for name, obs in observers.items() if name in plan.tensors}
@@ -230,37 +230,6 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
             corrected[node.name or node.op_type] = shift
     RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
     return Applied(params, plan.skipped, corrected)
-
-
-class ChannelMeanObserver(calibration.Observer):
-    """Running per-channel mean on ``axis`` (sum and count: fixed-size state).
-
-    Wraps the tensor's range observer, if it has one, so one calibration run feeds both.
-    """
-
-    __slots__ = ("axis", "count", "inner", "total")
-
-    def __init__(self, axis: int = 1, inner: calibration.Observer | None = None) -> None:
-        self.axis, self.count, self.total, self.inner = axis, 0, np.zeros(0), inner
-
-    def update(self, values: np.ndarray) -> None:
-        if self.inner is not None:
-            self.inner.update(values)
-        rows = np.moveaxis(np.asarray(values), self.axis, -1)
-        rows = rows.reshape(-1, rows.shape[-1])
-        if self.count == 0:
-            self.total = np.zeros(rows.shape[1], np.float64)
-        self.total += rows.sum(axis=0, dtype=np.float64)
-        self.count += rows.shape[0]
-
-    def range(self) -> tuple[float, float]:
-        return self.inner.range() if self.inner is not None else (0.0, 0.0)
-
-    def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
-
-    def state_bytes(self) -> int:
-        return self.total.nbytes + (self.inner.state_bytes() if self.inner is not None else 0)
 
 
 @dataclass
@@ -391,7 +360,7 @@ def _quantize_weights(
     """Quantize ``node``'s weight and bias; with ``mean``, bias-correct first. Returns max |correction|."""
     weight = node.inputs[1]
     array = weight.const_value.numpy().astype(np.float32)
-    axis = _channel_axis(node, array.ndim)
+    axis = weight_channel_axis(node, array.ndim)
     q, scale, zero = quantize_weight(array, axis, config)
     base = node.name or weight.name
     q_value = add_initializer(graph, f"{base}_weight_quantized", q)
@@ -411,7 +380,7 @@ def _quantize_weights(
         shape = [1] * array.ndim
         shape[axis] = -1
         dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
-        shift = _output_shift(node, dequantized - array, mean)
+        shift = output_shift(node, dequantized - array, mean)
         if shift is not None:
             bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
     if bias_array is None:
@@ -429,27 +398,3 @@ def _quantize_weights(
         node.resize_inputs(3)
     node.replace_input_with(2, bias_dq.outputs[0])
     return None if shift is None else float(np.max(np.abs(shift)))
-
-
-def _output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """Per-output-channel mean shift ``(W_q - W) * E[x]`` of a Conv or Gemm, or None if shapes disagree."""
-    if node.op_type == "Conv":
-        groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
-        out_channels, in_per_group = delta.shape[:2]
-        if mean.shape != (in_per_group * groups,) or out_channels % groups:
-            return None
-        per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=-1)
-        group_of = np.arange(out_channels) // (out_channels // groups)
-        return np.sum(per_input * mean.reshape(groups, in_per_group)[group_of], axis=1)
-    trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
-    matrix = delta if trans_b else delta.T  # [N, K]
-    return matrix @ mean if mean.shape == (matrix.shape[1],) else None
-
-
-def _channel_axis(node: ir.Node, ndim: int) -> int:
-    """The output-channel axis of the weight: 0 for Conv and Gemm(transB=1), else the last."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int():
-        return 0
-    return ndim - 1
