@@ -27,6 +27,7 @@ import numpy as np
 from benchmarks import harness, peers
 from benchmarks.harness import Recipe, Row
 from benchmarks.readme import HEADLINE_END, HEADLINE_START, RESULTS
+from benchmarks.tables import plot, write_table
 from benchmarks.zoo import ZooModel, get
 
 FMNIST = ("demo", "resnet", "mobilenetv2", "squeezenet", "shufflenetv2", "vgg")
@@ -181,9 +182,9 @@ def write_results(table: Table, rows: list[Row], skipped: list[str]) -> None:
     if skipped:
         intro += ["", f"Not cached when this ran, so skipped: {', '.join(skipped)} (`python -m benchmarks.zoo build`)."]
     intro += ["", "## All rows"]
-    path = harness.write_table(rows, RESULTS / f"{table.key}.md", table.title, COLUMNS[table.key], intro=intro)
+    path = write_table(rows, RESULTS / f"{table.key}.md", table.title, COLUMNS[table.key], intro=intro)
     if table.key != "scale":
-        plots = harness.plot(rows, RESULTS / table.key)
+        plots = plot(rows, RESULTS / table.key)
         with path.open("a") as f:
             f.write("\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     print(f"wrote {path}")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import DEMO_ONNX, run_onnx
 
-from benchmarks import harness, peers
+from benchmarks import harness, peers, tables
 from benchmarks.harness import Recipe, Row
 from benchmarks.zoo import get
 from compressor import ir as cir
@@ -98,7 +98,7 @@ def test_write_table_has_header_and_one_line_per_row(tmp_path: Path) -> None:
         Row("demo", "a", "peer", "int8", ok=True, top1_fp32=0.9, top1=0.89, agreement=0.98, sqnr_db=30.0),
         Row("demo", "b | c", "peer", "int8", note="failed: boom"),
     ]
-    path = harness.write_table(rows, tmp_path / "t.md", "Title", ["model", "recipe", "drop", "sqnr", "note"])
+    path = tables.write_table(rows, tmp_path / "t.md", "Title", ["model", "recipe", "drop", "sqnr", "note"])
     text = path.read_text()
     assert text.startswith("# Title\n")
     assert "| model | method | loss (pt) | SQNR dB | note |" in text
@@ -109,7 +109,7 @@ def test_write_table_has_header_and_one_line_per_row(tmp_path: Path) -> None:
 
 
 def test_plot_writes_pngs(tmp_path: Path, fp32_row: Row) -> None:
-    written = harness.plot([fp32_row], tmp_path / "int8")
+    written = tables.plot([fp32_row], tmp_path / "int8")
     assert [p.name for p in written] == ["int8-size.png", "int8-speed.png"]
     assert all(p.stat().st_size > 1000 for p in written)
 
