@@ -70,11 +70,11 @@ def compress(
     ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). ``int8``
     overrides fields of `QuantizeInt8Config` (the backend's fast-path choices are
     the defaults); ``qdq`` keeps the portable QDQ form instead of fused
-    integer operators. The int8 path first equalizes Conv pairs (lossless),
-    quantizes with bias correction, then keeps the most sensitive layers in
+    integer operators. The int8 path quantizes with bias correction (and, when
+    ``equalize`` is set, equalizes Conv pairs first), then keeps the most sensitive layers in
     float while the output SQNR on calibration data is below
     ``int8={"min_sqnr_db": 30.0}`` (None turns the search off; at most
-    ``max_float_fraction`` of the compute layers). ``explain`` ranks every
+    ``max_float_fraction`` of the compute MACs). ``explain`` ranks every
     layer's sensitivity (``Result.sensitivity``) even when no search runs. Raises a
     `CompressorError` subclass for bad input. ``unimplemented`` lists requested
     features (e.g. CLI flags) that do not exist yet, so they fail loudly.

@@ -22,6 +22,9 @@ from compressor import runtime
 from compressor.data import Dataset
 
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
+# Input values per batch when many intermediate tensors are exposed at once: ResNet-50 at
+# 224x224 holds about 80 activation values per input value, so this caps a batch near 170 MB.
+BATCH_INPUT_ELEMENTS = 2**19
 
 
 class Observer(abc.ABC):

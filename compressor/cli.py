@@ -151,7 +151,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.explain is not None and result.sensitivity:
         from compressor.sensitivity import format_table
 
-        print(f"\nmost sensitive layers (model output SQNR vs fp32 with only that layer in int8), {args.explain} of "
+        print(f"\nmost sensitive layers (each layer's output SQNR with only that layer in int8), {args.explain} of "
               f"{len(result.sensitivity)}:")  # fmt: skip
         print(format_table(result.sensitivity, args.explain))
     if result.report.kept_float:

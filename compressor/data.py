@@ -83,6 +83,15 @@ class Dataset:
                 labels = label_reader.read(count).astype(np.int64) if label_reader is not None else None
                 yield Batch(feeds, labels)
 
+    def batch_size_for(self, elements: int, cap: int) -> int:
+        """The largest batch (at most ``cap``, at least 1) whose inputs hold no more than ``elements`` values.
+
+        Activation memory grows with the input size, so passes that expose many
+        intermediate tensors size their batches by it (a 224x224 image is 150k values).
+        """
+        per_sample = sum(int(np.prod(info.shape[1:])) for info in self.arrays.values())
+        return max(1, min(cap, elements // max(per_sample, 1)))
+
     def first_batch(self, count: int) -> dict[str, np.ndarray]:
         """Feeds of the first ``count`` samples (fewer if the file is smaller)."""
         return next(self.batches(batch_size=count, limit=count)).feeds

@@ -1,20 +1,22 @@
 """Per-layer int8 sensitivity and the mixed-precision search built on it.
 
-`layer_sensitivity` quantizes one compute node at a time (its weights and its
-input activation; every other node stays float) and measures the SQNR of the
-model's outputs against fp32 on a few calibration samples. Calibration runs
-once: every single-layer variant reuses the same `CalibrationStats`.
+`layer_sensitivity` measures every compute layer in one pass over a few
+calibration batches: each Conv/Gemm/MatMul gets a quantized twin that reads the
+same float input through Q/DQ and uses the int8 weights (and corrected int32
+bias) the real quantization would produce. The SQNR of the twin's output
+against the float layer's output is the layer's sensitivity (nothing else is
+quantized, so errors do not compound). The run also yields each layer's MACs.
 
-`MixedPrecision` is the policy `compressor.compress` hands to `QuantizeInt8`:
-while the fully quantized model's output SQNR is below
-``config.min_sqnr_db``, keep the next most sensitive layer in float, up to
-``config.max_float_fraction`` of the compute layers, and return the set that
-reached the target (or the best one seen).
+`MixedPrecision` is the policy `compressor.compress` hands to `QuantizeInt8`.
+While the fully quantized model's output SQNR is below ``config.min_sqnr_db``,
+it tries keeping the next most sensitive layer in float and keeps it only if the
+model's SQNR rises. Float layers cost speed, so together they may hold at most
+``config.max_float_fraction`` of the model's MACs; a layer that int8 breaks
+outright (below `BROKEN_DB` alone) is tried regardless of that budget.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -24,6 +26,7 @@ import onnx_ir as ir
 
 from compressor import ir as cir
 from compressor import runtime
+from compressor.calibration import BATCH_INPUT_ELEMENTS
 from compressor.data import Dataset
 from compressor.errors import ModelError
 from compressor.metrics import compare_outputs
@@ -33,24 +36,106 @@ from compressor.passes.quantize_int8 import (
     apply_quantization,
     calibrate,
     quantizable_nodes,
+    quantize_node_weights,
 )
 from compressor.pipeline import PassContext
+from compressor.quant_params import activation_params, weight_channel_axis
+
+BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float whatever it costs
+MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost
+MAX_TRIALS = 8  # model evaluations the search may spend after the first
 
 
 @dataclass(frozen=True)
 class LayerSensitivity:
-    """Model-output SQNR vs fp32 when only ``node`` is quantized (lower is more sensitive)."""
+    """SQNR of ``node``'s output with only its input and weights in int8 (lower is more sensitive)."""
 
     node: str
     op: str
     sqnr_db: float
+    macs: int  # per sample
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
+def layer_sensitivity(
+    model: ir.Model,
+    dataset: Dataset,
+    config: QuantizeInt8Config | None = None,
+    stats: CalibrationStats | None = None,
+    *,
+    samples: int | None = None,
+) -> list[LayerSensitivity]:
+    """One entry per quantizable compute node of the float ``model`` (not modified), worst SQNR first.
+
+    ``stats`` (from `compressor.passes.quantize_int8.calibrate`) is computed
+    here when not given; ``samples`` defaults to ``config.sensitivity_samples``.
+    """
+    config = config or QuantizeInt8Config()
+    stats = stats or calibrate(model, dataset, config)
+    twins, pairs = _with_quantized_twins(model, config, stats)
+    session = runtime.make_session(twins)
+    names = [output.name for output in session.get_outputs()]
+    signal = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
+    macs: dict[str, int] = {}
+    batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
+    for batch in dataset.batches(batch_size=batch_size, limit=samples or config.sensitivity_samples):
+        outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
+        for node, (float_name, twin_name, per_output) in pairs.items():
+            reference = outputs[float_name].astype(np.float64)
+            signal[node] += float(np.sum(reference**2))
+            noise[node] += float(np.sum((outputs[twin_name] - reference) ** 2))
+            macs[node] = per_output * int(np.prod(reference.shape[1:]))
+    ops = dict(quantizable_nodes(model, config)[0])
+    results = [LayerSensitivity(node, ops[node], _db(signal[node], noise[node]), macs[node]) for node in pairs]
+    return sorted(results, key=lambda r: (r.sqnr_db, r.node))
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+def _with_quantized_twins(
+    model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, int]]]:
+    """A copy of ``model`` whose outputs include each compute node's output and its int8 twin's.
+
+    Returns the model and, per node name, (float output, twin output, MACs per output value).
+    """
+    copy = ir.serde.deserialize_model(cir.to_proto(model))
+    graph = copy.graph
+    wanted = {name for name, _ in quantizable_nodes(copy, config)[0]}
+    pairs: dict[str, tuple[str, str, int]] = {}
+    for node in [n for n in graph if n.name in wanted]:
+        source = node.inputs[0]
+        params = activation_params(*stats.ranges[source.name], config)
+        scale = cir.add_initializer(graph, f"{node.name}__twin_scale", np.array(params.scale, np.float32))
+        zero = cir.add_initializer(graph, f"{node.name}__twin_zero", np.array(params.zero_point, params.dtype))
+        quantize = ir.Node("", "QuantizeLinear", [source, scale, zero], name=f"{node.name}__twin_q")
+        dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{node.name}__twin_dq")
+        attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+        twin = ir.Node(node.domain, node.op_type, [dequantize.outputs[0], *node.inputs[1:]], attributes=attributes,
+                       name=f"{node.name}__twin")  # fmt: skip
+        graph.insert_after(node, [quantize, dequantize, twin])
+        weight = node.inputs[1].const_value
+        mean = stats.means.get(source.name) if config.bias_correction else None
+        quantize_node_weights(graph, twin, params, config, mean)
+        output, twin_output = node.outputs[0], twin.outputs[0]
+        twin_output.name = f"{node.name}__twin_output"
+        for value in (output, twin_output):
+            if not value.is_graph_output():
+                graph.outputs.append(value)
+        out_channels = weight.shape[weight_channel_axis(node, len(weight.shape))]
+        pairs[node.name] = (output.name, twin_output.name, int(np.prod(weight.shape)) // int(out_channels))
+    return cir.to_proto(copy), pairs
+
+
 class _Probe:
-    """A few calibration batches and the fp32 model's outputs on them, for repeated SQNR checks."""
+    """A few calibration batches and the fp32 model's outputs on them, for repeated model-SQNR checks."""
 
     def __init__(self, model: onnx.ModelProto, dataset: Dataset, samples: int, batch_size: int) -> None:
         self.feeds = [batch.feeds for batch in dataset.batches(batch_size=batch_size, limit=samples)]
@@ -71,46 +156,16 @@ def _quantized(float_model: onnx.ModelProto, config: QuantizeInt8Config, stats: 
     return cir.to_proto(copy)
 
 
-def layer_sensitivity(
-    model: ir.Model,
-    dataset: Dataset,
-    config: QuantizeInt8Config | None = None,
-    stats: CalibrationStats | None = None,
-    *,
-    samples: int | None = None,
-) -> list[LayerSensitivity]:
-    """One entry per quantizable compute node of the float ``model`` (not modified), worst SQNR first.
-
-    ``stats`` (from `compressor.passes.quantize_int8.calibrate`) is computed
-    once here when not given; ``samples`` defaults to ``config.sensitivity_samples``.
-    """
-    config = config or QuantizeInt8Config()
-    stats = stats or calibrate(model, dataset, config)
-    proto = cir.to_proto(model)
-    probe = _Probe(proto, dataset, samples or config.sensitivity_samples, config.batch_size)
-    return _rank(proto, probe, config, stats)
-
-
-def _rank(
-    proto: onnx.ModelProto, probe: _Probe, config: QuantizeInt8Config, stats: CalibrationStats
-) -> list[LayerSensitivity]:
-    compute, everything = quantizable_nodes(ir.serde.deserialize_model(proto), config)
-    results = []
-    for name, op in compute:
-        alone = replace(config, keep_float=config.keep_float | (everything - {name}))
-        results.append(LayerSensitivity(name, op, probe.sqnr_db(_quantized(proto, alone, stats))))
-    return sorted(results, key=lambda r: (r.sqnr_db, r.node))
-
-
 @dataclass
 class MixedPrecision:
-    """Keep the most sensitive layers in float until the model reaches ``config.min_sqnr_db``.
+    """Keep the most sensitive layers in float while that lifts the model toward ``config.min_sqnr_db``.
 
     Called by `QuantizeInt8` (``choose_float=``) with the float model and its
     calibration statistics; reads the data from ``dataset`` or the active
     `PassContext`. ``explain`` ranks every layer even when no search is needed.
     After the call: ``sensitivity`` (worst first, empty if not ranked) and
-    ``history`` (layers kept in float -> model SQNR, in search order).
+    ``history`` (layers kept in float -> model SQNR, for every evaluation, in
+    order; a layer that did not help is dropped again in the next entry).
     """
 
     dataset: Dataset | None = None
@@ -123,32 +178,38 @@ class MixedPrecision:
         if dataset is None:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
         proto = cir.to_proto(model)
-        probe = _Probe(proto, dataset, config.sensitivity_samples, config.batch_size)
-        compute, _ = quantizable_nodes(model, config)
-        budget = math.ceil(config.max_float_fraction * len(compute))
-        sqnr = probe.sqnr_db(_quantized(proto, config, stats))
-        self.history = [((), sqnr)]
+        batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
+        probe = _Probe(proto, dataset, config.sensitivity_samples, batch_size)
+        best = probe.sqnr_db(_quantized(proto, config, stats))
+        self.history = [((), best)]
         target = config.min_sqnr_db
-        search = target is not None and sqnr < target and budget > 0
-        self.sensitivity = _rank(proto, probe, config, stats) if search or self.explain else []
+        search = target is not None and best < target and config.max_float_fraction > 0
+        ranked = layer_sensitivity(model, dataset, config, stats) if search or self.explain else []
+        self.sensitivity = ranked
         if not search:
             return {}
-        best, kept = (sqnr, 0), []
-        for layer in self.sensitivity[:budget]:
-            kept.append(layer.node)
-            sqnr = probe.sqnr_db(_quantized(proto, replace(config, keep_float=config.keep_float | set(kept)), stats))
-            self.history.append((tuple(kept), sqnr))
-            if sqnr > best[0]:
-                best = (sqnr, len(kept))
-            if sqnr >= target:
+        budget = config.max_float_fraction * sum(layer.macs for layer in ranked)
+        kept: list[LayerSensitivity] = []
+        for layer in ranked:
+            if best >= target or len(self.history) > MAX_TRIALS or layer.sqnr_db >= target:
                 break
-        alone = {layer.node: layer.sqnr_db for layer in self.sensitivity}
-        return {name: f"sensitivity: {alone[name]:.1f} dB alone" for name in kept[: best[1]]}
+            spent = sum(k.macs for k in kept) + layer.macs
+            if spent > budget and layer.sqnr_db >= BROKEN_DB:
+                continue
+            names = (*(k.node for k in kept), layer.node)
+            sqnr = probe.sqnr_db(_quantized(proto, replace(config, keep_float=config.keep_float | set(names)), stats))
+            self.history.append((names, sqnr))
+            if sqnr >= best + MIN_GAIN_DB:
+                kept.append(layer)
+                best = sqnr
+        if self.history[-1][0] != tuple(k.node for k in kept):
+            self.history.append((tuple(k.node for k in kept), best))
+        return {k.node: f"sensitivity: {k.sqnr_db:.1f} dB alone, {k.macs / 1e6:.1f} MMACs" for k in kept}
 
 
 def format_table(sensitivity: Sequence[LayerSensitivity], limit: int | None = None) -> str:
     """The ``limit`` most sensitive layers as a Markdown table."""
-    lines = ["| rank | node | op | SQNR alone |", "|---|---|---|---|"]
+    lines = ["| rank | node | op | SQNR alone | MMACs |", "|---|---|---|---|---|"]
     for rank, layer in enumerate(sensitivity[:limit], start=1):
-        lines.append(f"| {rank} | {layer.node} | {layer.op} | {layer.sqnr_db:.1f} dB |")
+        lines.append(f"| {rank} | {layer.node} | {layer.op} | {layer.sqnr_db:.1f} dB | {layer.macs / 1e6:.2f} |")
     return "\n".join(lines)

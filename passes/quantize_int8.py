@@ -74,9 +74,9 @@ class QuantizeInt8Config:
     # correction and mixed precision are on (ReLU6 pairs can rarely be proven safe).
     equalize: bool = False
     # Mixed precision: while the model-output SQNR on calibration data is below this, keep the
-    # most sensitive layer in float (None: never), up to this fraction of the compute layers.
+    # most sensitive layers in float (None: never) while that helps, up to this fraction of the MACs.
     min_sqnr_db: float | None = 30.0
-    max_float_fraction: float = 0.1
+    max_float_fraction: float = 0.1  # of the compute MACs
     sensitivity_samples: int = 32  # calibration samples per SQNR measurement
 
     def __post_init__(self) -> None:
@@ -185,7 +185,8 @@ def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> 
             if name not in means:
                 means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
-    calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=config.batch_size)
+    batch_size = dataset.batch_size_for(calibration.BATCH_INPUT_ELEMENTS, config.batch_size)
+    calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=batch_size)
     ranges = {name: obs.range() for name, obs in observers.items() if name in plan.tensors}
     samples = min(config.num_samples, dataset.num_samples)
     return CalibrationStats(ranges, {name: obs.mean() for name, obs in means.items() if obs.count}, samples)
@@ -225,7 +226,7 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
     _insert_qdq(graph, plan, params)
     corrected: dict[str, float] = {}
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
-        shift = _quantize_weights(graph, node, input_params, config, mean if config.bias_correction else None)
+        shift = quantize_node_weights(graph, node, input_params, config, mean if config.bias_correction else None)
         if shift is not None:
             corrected[node.name or node.op_type] = shift
     RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
@@ -350,14 +351,17 @@ def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams]) ->
             graph.insert_after(producer, [quantize, dequantize])
 
 
-def _quantize_weights(
+def quantize_node_weights(
     graph: ir.Graph,
     node: ir.Node,
     input_params: QuantParams,
     config: QuantizeInt8Config,
     mean: np.ndarray | None,
 ) -> float | None:
-    """Quantize ``node``'s weight and bias; with ``mean``, bias-correct first. Returns max |correction|."""
+    """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
+
+    Returns the largest |bias correction|, or None when none was applied.
+    """
     weight = node.inputs[1]
     array = weight.const_value.numpy().astype(np.float32)
     axis = weight_channel_axis(node, array.ndim)

@@ -17,7 +17,7 @@ from compressor import cli, runtime
 from compressor import ir as cir
 from compressor.api import compress
 from compressor.data import Dataset
-from compressor.metrics import sqnr_db
+from compressor.metrics import compute_cost, sqnr_db
 from compressor.passes import import_passes
 from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config, calibrate
@@ -212,6 +212,7 @@ def test_sensitivity_has_one_sorted_entry_per_compute_node() -> None:
     assert [r.sqnr_db for r in ranked] == sorted(r.sqnr_db for r in ranked)
     assert all(np.isfinite(r.sqnr_db) and r.sqnr_db > 20 for r in ranked)
     assert {r.op for r in ranked} == {"Conv", "Gemm"}
+    assert sum(r.macs for r in ranked) == compute_cost(model).macs
 
 
 def test_explain_prints_the_table_and_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
