@@ -34,6 +34,11 @@ class Backend(abc.ABC):
         self.rejected: dict[str, str] = {}  # node -> why the lowering left it in QDQ/float form
         self.check_available()
 
+    @property
+    def times_int8_islands(self) -> bool:
+        """Whether `compress` should time each int8 island here and keep float where that is faster."""
+        return False
+
     def check_available(self) -> None:  # noqa: B027 - optional hook, most backends always run
         """Raise `BackendUnavailableError` if this backend cannot run here."""
 

@@ -35,6 +35,10 @@ class OnnxruntimeCPU(Backend):
         {"activations": "asymmetric_uint8", "weights": "symmetric", "weight_bits": 7}
     )
 
+    @property
+    def times_int8_islands(self) -> bool:
+        return not self.qdq  # the fused integer graph is the one whose speed varies by model
+
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         if self.qdq or not any(node.op_type == "QuantizeLinear" for node in model.graph):
             return to_proto(model)

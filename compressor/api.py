@@ -17,6 +17,7 @@ from compressor.backends import Backend, get_backend
 from compressor.data import Dataset
 from compressor.errors import UsageError
 from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
+from compressor.latency_guard import LatencyGuard, int8_islands
 from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
 from compressor.passes import import_passes
 from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
@@ -58,6 +59,7 @@ def compress(
     dump_ir: str | os.PathLike | None = None,
     progress: bool | None = None,
     measure_latency: bool = True,
+    latency_guard: bool = True,
     threads: int = runtime.DEFAULT_THREADS,
     int8: Mapping[str, object] | None = None,
     qdq: bool = False,
@@ -75,7 +77,9 @@ def compress(
     float while the output SQNR on calibration data is below
     ``int8={"min_sqnr_db": 30.0}`` (None turns the search off; at most
     ``max_float_fraction`` of the compute MACs). ``explain`` ranks every
-    layer's sensitivity (``Result.sensitivity``) even when no search runs. Raises a
+    layer's sensitivity (``Result.sensitivity``) even when no search runs. With
+    ``latency_guard`` (on backends that support it), each int8 island is timed
+    and kept in float where the model runs faster that way. Raises a
     `CompressorError` subclass for bad input. ``unimplemented`` lists requested
     features (e.g. CLI flags) that do not exist yet, so they fail loudly.
     """
@@ -109,6 +113,10 @@ def compress(
         quantize = QuantizeInt8(config, choose_float=mixed)
         passes.append(quantize)
     records = Pipeline(passes).run(working, context, instruments)
+    guard = None
+    if target == "int8" and latency_guard and chosen_backend.times_int8_islands and context.calibration is not None:
+        guard = LatencyGuard(chosen_backend, context.calibration.first_batch(1))
+        working = _keep_faster_islands(guard, quantize, chosen_backend, working)
     lowered = chosen_backend.lower(working)
     report = Report(
         model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
@@ -127,8 +135,24 @@ def compress(
             record = report.passes[-1]
             record["sensitivity"] = [layer.as_dict() for layer in sensitivity]
             record["mixed_precision"] = [{"kept_float": list(kept), "sqnr_db": db} for kept, db in mixed.history]
+        if guard is not None:
+            report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency)
     return Result(working, lowered, report, sensitivity)
+
+
+def _keep_faster_islands(guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model) -> ir.Model:
+    """``model`` with the int8 islands that run faster in float on ``backend`` put back in float."""
+    islands = int8_islands(model)
+    if not islands:
+        return model
+    reference = backend.lower(quantize.variant(frozenset().union(*islands)))
+    slower = guard(reference, lambda also_float: backend.lower(quantize.variant(also_float)), islands)
+    if not slower:
+        return model
+    why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"
+    quantize.skipped.update(dict.fromkeys(slower, why))
+    return quantize.variant(slower)
 
 
 def int8_config(backend: Backend, overrides: Mapping[str, object] | None = None) -> QuantizeInt8Config:

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for measurements (default 2)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument(
+        "--keep-slow-int8",
+        action="store_true",
+        help="int8: do not time the int8 islands (by default an island that runs slower than float stays float)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     planned = parser.add_argument_group("planned (not implemented yet)")
     planned.add_argument("--prune", type=float)
@@ -135,6 +140,7 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=args.seed,
         dump_ir=args.dump_ir,
         measure_latency=not args.no_latency,
+        latency_guard=not args.keep_slow_int8,
         threads=args.threads,
         int8=_int8_overrides(args),
         qdq=args.format == "qdq",

@@ -26,11 +26,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor import calibration
+from compressor import ir as cir
 from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
 from compressor.ir import add_initializer
@@ -142,6 +144,8 @@ class QuantizeInt8(Pass):
         self.skipped: dict[str, str] = {}  # node name -> why it stayed in float
         self.corrected: dict[str, float] = {}  # node name -> max |bias correction|
         self.calibrated: CalibrationStats | None = None  # the statistics the last run used
+        self.applied: QuantizeInt8Config | None = None  # the config the last run used, float choices included
+        self._float_model: onnx.ModelProto | None = None
 
     def requires(self, model: ir.Model) -> None:
         found = sorted({n.op_type for n in model.graph if n.op_type in ALREADY_QUANTIZED_OPS})
@@ -164,10 +168,20 @@ class QuantizeInt8(Pass):
         extra = dict(self.choose_float(model, stats, config)) if self.choose_float else {}
         if extra:
             config = replace(config, keep_float=config.keep_float | frozenset(extra))
+        self._float_model = cir.to_proto(model)
         applied = apply_quantization(model, config, stats)
-        self.params, self.corrected = applied.params, applied.corrected
+        self.params, self.corrected, self.applied = applied.params, applied.corrected, config
         self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
+
+    def variant(self, also_float: frozenset[str]) -> ir.Model:
+        """The last run's model again, with the nodes ``also_float`` left in float too (same statistics)."""
+        if self._float_model is None or self.applied is None or self.calibrated is None:
+            raise RuntimeError("QuantizeInt8.variant needs a completed run")
+        model = ir.serde.deserialize_model(self._float_model)
+        config = replace(self.applied, keep_float=self.applied.keep_float | also_float)
+        apply_quantization(model, config, self.calibrated)
+        return model
 
 
 def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> CalibrationStats:

@@ -1,0 +1,108 @@
+"""Measured float fallback: an int8 island stays int8 only if the backend runs the model faster that way.
+
+An *island* is a set of quantized nodes that hand integer tensors to each other
+(in the QDQ graph: ``A -> [Relu|Clip] -> Q -> DQ -> B`` joins A and B). Where
+int8 kernels are no faster than float ones (tiny images, depthwise layers, graphs
+whose layout changes cost more than the integer math saves) quantizing an island
+can slow the model down. `LatencyGuard` times the lowered int8 model against the
+fp32 one on the backend; while int8 is not faster, it tries each island in float
+(largest first) and keeps the change when the model gets faster, as measured
+side by side, interleaved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from compressor.backends.base import Backend
+
+# A candidate must beat the current model by this fraction to count: less is noise here.
+MARGIN = 0.03
+
+
+def int8_islands(model: ir.Model) -> list[frozenset[str]]:
+    """The named quantized nodes of a QDQ ``model`` grouped into islands, largest first."""
+    members: dict[int, ir.Node] = {}
+    for node in model.graph:
+        if node.name and node.op_type not in ("QuantizeLinear", "DequantizeLinear") and _reads_integer(node):
+            members[id(node)] = node
+    graph = nx.Graph()
+    graph.add_nodes_from(node.name for node in members.values())
+    for node in members.values():
+        for successor in _integer_successors(node):
+            if id(successor) in members:
+                graph.add_edge(node.name, successor.name)
+    islands = [frozenset(component) for component in nx.connected_components(graph)]
+    return sorted(islands, key=lambda island: (-len(island), sorted(island)))
+
+
+def _reads_integer(node: ir.Node) -> bool:
+    """Whether an activation input comes through a DequantizeLinear (weights are constants)."""
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0].const_value is None:
+            return True
+    return False
+
+
+def _integer_successors(node: ir.Node) -> list[ir.Node]:
+    found = []
+    values = list(node.outputs)
+    for value in node.outputs:  # through a Relu/Clip that quantization fused
+        values += [out for use in value.uses() if use.node.op_type in ("Relu", "Clip") for out in use.node.outputs]
+    for value in values:
+        for use in value.uses():
+            if use.node.op_type != "QuantizeLinear":
+                continue
+            for dq_use in use.node.outputs[0].uses():
+                if dq_use.node.op_type == "DequantizeLinear":
+                    found += [u.node for u in dq_use.node.outputs[0].uses()]
+    return found
+
+
+@dataclass
+class LatencyGuard:
+    """Choose which islands to keep in float so that the int8 model is not slower than fp32.
+
+    ``build(float_nodes)`` returns the lowered int8 model with those extra nodes
+    in float. After the call, ``history`` lists (islands tried in float,
+    speed-up vs fp32) in order, and ``speedup`` is the chosen model's.
+    """
+
+    backend: Backend
+    feeds: Mapping[str, np.ndarray]
+    runs: int = 40
+    history: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+    speedup: float = 0.0
+
+    def __call__(
+        self,
+        reference: onnx.ModelProto,
+        build: Callable[[frozenset[str]], onnx.ModelProto],
+        islands: list[frozenset[str]],
+    ) -> frozenset[str]:
+        current = build(frozenset())
+        fp32_ms, current_ms = self._time(reference, current)
+        self.speedup = fp32_ms / current_ms
+        self.history = [((), self.speedup)]
+        chosen: frozenset[str] = frozenset()
+        for island in islands:
+            if self.speedup >= 1.0 + MARGIN:
+                break
+            candidate_nodes = chosen | island
+            candidate = build(candidate_nodes)
+            fp32_ms, current_ms, candidate_ms = self._time(reference, current, candidate)
+            self.history.append((tuple(sorted(candidate_nodes)), fp32_ms / candidate_ms))
+            if candidate_ms < current_ms * (1.0 - MARGIN):
+                chosen, current, current_ms = candidate_nodes, candidate, candidate_ms
+            self.speedup = fp32_ms / current_ms
+        return chosen
+
+    def _time(self, *models: onnx.ModelProto) -> list[float]:
+        return [latency.median_ms for latency in self.backend.latency(list(models), self.feeds, runs=self.runs)]
