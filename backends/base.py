@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -25,14 +24,17 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     providers: tuple[str, ...] = ()
-    # Quantization settings that keep this backend on its fast kernels (QuantizeInt8Config fields).
-    int8_preferences: ClassVar[Mapping[str, object]] = {}
 
     def __init__(self, threads: int = runtime.DEFAULT_THREADS, qdq: bool = False) -> None:
         self.threads = threads
         self.qdq = qdq
         self.rejected: dict[str, str] = {}  # node -> why the lowering left it in QDQ/float form
         self.check_available()
+
+    @property
+    def int8_preferences(self) -> Mapping[str, object]:
+        """Quantization settings that keep this backend on its fast kernels (QuantizeInt8Config fields)."""
+        return {}
 
     @property
     def times_int8_islands(self) -> bool:
