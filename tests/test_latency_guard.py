@@ -1,0 +1,150 @@
+"""The latency guard: int8 islands, variants with islands in float, and the measured choice."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import random_input, run_onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor import runtime
+from compressor.api import compress
+from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
+from compressor.data import Dataset
+from compressor.latency_guard import LatencyGuard, int8_islands
+from compressor.metrics import Latency, sqnr_db
+from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from compressor.pipeline import PassContext, Pipeline
+
+CONFIG = QuantizeInt8Config(min_sqnr_db=None, bias_correction=False, weight_bits=7)
+
+
+def two_island_model() -> onnx.ModelProto:
+    """conv0 -> relu -> conv1 -> Sigmoid (never quantized) -> conv2 -> relu -> maxpool -> conv3."""
+    rng = np.random.default_rng(0)
+    nodes, inits, value = [], [], "input"
+    for i in range(4):
+        inits += [
+            numpy_helper.from_array(rng.uniform(-0.5, 0.5, (8, 8 if i else 3, 3, 3)).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(rng.uniform(-0.1, 0.1, 8).astype(np.float32), f"b{i}"),
+        ]
+        nodes.append(helper.make_node("Conv", [value, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4))
+        value = f"c{i}"
+        after = {0: "Relu", 1: "Sigmoid", 2: "Relu"}.get(i)
+        if after:
+            nodes.append(helper.make_node(after, [value], [f"a{i}"], name=f"{after.lower()}{i}"))
+            value = f"a{i}"
+        if i == 2:
+            pool = helper.make_node("MaxPool", [value], ["p2"], name="pool2", kernel_shape=[2, 2], strides=[2, 2])
+            nodes.append(pool)
+            value = "p2"
+    graph = helper.make_graph(
+        nodes, "two_islands",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, ["N", 8, 8, 8])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def calib(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=random_input((32, 3, 16, 16), seed=1))
+    return path
+
+
+def quantized(proto: onnx.ModelProto, calib: Path) -> tuple[ir.Model, QuantizeInt8]:
+    model = ir.serde.deserialize_model(proto)
+    quantize = QuantizeInt8(CONFIG)
+    Pipeline([quantize]).run(model, PassContext(calibration=Dataset(calib, runtime.input_specs(model))))
+    return model, quantize
+
+
+def test_islands_split_where_a_float_op_sits(calib: Path) -> None:
+    model, _ = quantized(two_island_model(), calib)
+    assert int8_islands(model) == [frozenset({"conv2", "pool2", "conv3"}), frozenset({"conv0", "conv1"})]
+
+
+def test_variant_puts_exactly_the_island_back_in_float(calib: Path) -> None:
+    proto = two_island_model()
+    model, quantize = quantized(proto, calib)
+    same = quantize.variant(frozenset())
+    assert [n.op_type for n in same.graph] == [n.op_type for n in model.graph]
+    backend = OnnxruntimeCPU()
+    island = frozenset({"conv2", "pool2", "conv3"})
+    lowered = backend.lower(quantize.variant(island))
+    fused = {n.name for n in lowered.graph.node if n.op_type.startswith("QLinear")}
+    assert fused == {"conv0"}  # conv1 feeds the float Sigmoid, so it stays DQ -> Conv
+    assert {n.name for n in lowered.graph.node if n.op_type == "Conv"} == {"conv1", "conv2", "conv3"}
+    x = random_input((8, 3, 16, 16), seed=2)
+    reference = run_onnx(proto, {"input": x})[0]
+    all_int8 = run_onnx(backend.lower(model), {"input": x})[0]
+    half = run_onnx(lowered, {"input": x})[0]
+    assert sqnr_db(reference, all_int8) > 25.0
+    assert sqnr_db(reference, half) > sqnr_db(reference, all_int8)
+
+
+class CountingCPU(OnnxruntimeCPU):
+    """The real CPU lowering, timed by a fixed cost per operator instead of the clock.
+
+    The guard's decisions are what is under test here; a wall clock would make
+    them depend on the machine. Each QLinearConv "costs" ``int8_conv`` and each
+    float Conv 1.0, so the test decides which side is faster.
+    """
+
+    def __init__(self, int8_conv: float) -> None:
+        super().__init__()
+        self.int8_conv = int8_conv
+
+    def latency(
+        self, models: Sequence[ir.Model | onnx.ModelProto], feeds: Mapping[str, np.ndarray], runs: int = 20
+    ) -> list[Latency]:
+        costs = {"QLinearConv": self.int8_conv, "Conv": 1.0}
+        results = []
+        for model in models:
+            proto = self.lower(model) if isinstance(model, ir.Model) else model
+            self.session(proto)  # each candidate must still build a real session
+            total = sum(costs.get(node.op_type, 0.01) for node in proto.graph.node)
+            results.append(Latency(total, total, total, runs))
+        return results
+
+
+def guard_choice(calib: Path, int8_conv: float) -> tuple[frozenset[str], LatencyGuard]:
+    model, quantize = quantized(two_island_model(), calib)
+    backend = CountingCPU(int8_conv)
+    guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
+    islands = int8_islands(model)
+    reference = backend.lower(quantize.variant(frozenset().union(*islands)))
+    chosen = guard(reference, lambda extra: backend.lower(quantize.variant(extra)), islands)
+    return chosen, guard
+
+
+def test_guard_keeps_int8_where_it_is_faster(calib: Path) -> None:
+    chosen, guard = guard_choice(calib, int8_conv=0.3)
+    assert chosen == frozenset() and len(guard.history) == 1 and guard.speedup > 1.4
+
+
+def test_guard_puts_every_slower_island_in_float(calib: Path) -> None:
+    chosen, guard = guard_choice(calib, int8_conv=1.5)
+    assert chosen == frozenset({"conv0", "conv1", "conv2", "pool2", "conv3"})
+    assert [len(kept) for kept, _ in guard.history] == [0, 3, 5]
+    assert guard.speedup == pytest.approx(1.0, abs=0.05)
+
+
+def test_compress_reports_the_guard(calib: Path) -> None:
+    result = compress(two_island_model(), "int8", calib=calib, measure_latency=False)
+    history = result.report.passes[-1]["latency_guard"]
+    assert history[0]["kept_float"] == [] and history[0]["speedup"] > 0
+    floated = {name for kept in (h["kept_float"] for h in history) for name in kept}
+    reasons = {name: why for name, why in result.report.kept_float.items() if "slower than float" in why}
+    assert set(reasons) <= floated
+    off = compress(two_island_model(), "int8", calib=calib, measure_latency=False, latency_guard=False)
+    assert "latency_guard" not in off.report.passes[-1]
