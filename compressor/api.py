@@ -147,7 +147,8 @@ def _keep_faster_islands(guard: LatencyGuard, quantize: QuantizeInt8, backend: B
     if not islands:
         return model
     reference = backend.lower(quantize.variant(frozenset().union(*islands)))
-    slower = guard(reference, lambda also_float: backend.lower(quantize.variant(also_float)), islands)
+    build = lambda also_float: backend.lower(quantize.variant(also_float))  # noqa: E731
+    slower = guard(reference, backend.lower(model), build, islands)
     if not slower:
         return model
     why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"

@@ -10,7 +10,7 @@ and feeds each batch to that tensor's observer.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -52,8 +52,12 @@ class MinMaxObserver(Observer):
         self.low, self.high = np.inf, -np.inf
 
     def update(self, values: np.ndarray) -> None:
-        self.low = min(self.low, float(values.min()))
-        self.high = max(self.high, float(values.max()))
+        self.update_bounds(float(values.min()), float(values.max()))
+
+    def update_bounds(self, low: float, high: float) -> None:
+        """Fold in one batch's minimum and maximum (computed inside the model by `collect`)."""
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
 
     def range(self) -> tuple[float, float]:
         return _with_zero(self.low, self.high)
@@ -68,7 +72,10 @@ class MovingAverageObserver(Observer):
         self.low, self.high, self.momentum, self.seen = 0.0, 0.0, momentum, 0
 
     def update(self, values: np.ndarray) -> None:
-        low, high = float(values.min()), float(values.max())
+        self.update_bounds(float(values.min()), float(values.max()))
+
+    def update_bounds(self, low: float, high: float) -> None:
+        """Fold in one batch's minimum and maximum (computed inside the model by `collect`)."""
         if self.seen == 0:
             self.low, self.high = low, high
         else:
@@ -174,12 +181,17 @@ class ChannelMeanObserver(Observer):
     def update(self, values: np.ndarray) -> None:
         if self.inner is not None:
             self.inner.update(values)
-        rows = np.moveaxis(np.asarray(values), self.axis, -1)
-        rows = rows.reshape(-1, rows.shape[-1])
+        values = np.asarray(values)
+        axis = self.axis % values.ndim
+        others = tuple(a for a in range(values.ndim) if a != axis)
+        self.update_means(values.mean(axis=others, dtype=np.float64), values.size // values.shape[axis])
+
+    def update_means(self, means: np.ndarray, count: int) -> None:
+        """Fold in one batch's per-channel means over ``count`` positions (computed inside the model)."""
         if self.count == 0:
-            self.total = np.zeros(rows.shape[1], np.float64)
-        self.total += rows.sum(axis=0, dtype=np.float64)
-        self.count += rows.shape[0]
+            self.total = np.zeros(len(means), np.float64)
+        self.total += np.asarray(means, np.float64) * count
+        self.count += count
 
     def range(self) -> tuple[float, float]:
         return self.inner.range() if self.inner is not None else (0.0, 0.0)
@@ -251,28 +263,79 @@ def collect(
 ) -> None:
     """Run the model over ``dataset`` once and update each tensor's observer.
 
-    The tensors named in ``observers`` are exposed as extra graph outputs of a
-    copy of the model; only one batch of activations is alive at a time.
+    Min/max observers (and per-channel means) are fed by ReduceMin/ReduceMax/
+    ReduceMean nodes added to a copy of the model, so onnxruntime hands back a
+    few numbers per tensor instead of the tensor; histogram observers get the
+    whole tensor as an extra graph output. One batch is alive at a time.
     """
-    session = runtime.make_session(_with_outputs(model, observers))
+    proto, readers = _instrumented(model, observers)
+    session = runtime.make_session(proto)
     names = [output.name for output in session.get_outputs()]
     total = dataset.num_samples if num_samples is None else min(num_samples, dataset.num_samples)
     batches = dataset.batches(batch_size=batch_size, limit=total)
     bar = tqdm(total=total, unit="sample", desc="calibrating", disable=not progress, leave=False)
     for batch in batches:
-        outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
-        for name, observer in observers.items():
-            observer.update(outputs[name] if name in outputs else batch.feeds[name])
-        bar.update(next(iter(batch.feeds.values())).shape[0])
+        outputs = {**batch.feeds, **dict(zip(names, runtime.run(session, batch.feeds), strict=True))}
+        rows = next(iter(batch.feeds.values())).shape[0]
+        for read in readers:
+            read(outputs, rows)
+        bar.update(rows)
     bar.close()
 
 
-def _with_outputs(model: ir.Model, observers: Iterable[str]) -> onnx.ModelProto:
+Reader = Callable[[Mapping[str, np.ndarray], int], None]  # (this batch's outputs, samples in it)
+
+
+def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[onnx.ModelProto, list[Reader]]:
+    """A copy of ``model`` that outputs what each observer needs, and one reader per observer."""
     proto = cir.to_proto(model)
     values = ir.convenience.create_value_mapping(model.graph)
-    existing = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    for name in observers:
-        if name not in existing:
-            dtype = values[name].dtype if name in values and values[name].dtype is not None else ir.DataType.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, int(dtype), None))
-    return proto
+    graph = proto.graph
+    exposed = {o.name for o in graph.output} | {i.name for i in graph.input}
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+    def output(name: str, dtype: int = onnx.TensorProto.FLOAT) -> str:
+        if name not in exposed:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+            exposed.add(name)
+        return name
+
+    def reduce(op: str, name: str, axes: list[int] | None = None) -> str:
+        out = f"{name}__calibration_{op}"
+        inputs, attributes = [name], {"keepdims": 0}
+        if axes is not None and opset >= 18:
+            constant = f"{out}_axes"
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), constant))
+            inputs.append(constant)
+        elif axes is not None:
+            attributes["axes"] = axes
+        graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out, **attributes))
+        return output(out)
+
+    readers: list[Reader] = []
+    for name, observer in observers.items():
+        bounds = observer.inner if isinstance(observer, ChannelMeanObserver) else observer
+        value = values.get(name)
+        rank = len(value.shape) if value is not None and value.shape is not None else None
+        if not isinstance(bounds, (MinMaxObserver, MovingAverageObserver, type(None))) or (
+            isinstance(observer, ChannelMeanObserver) and rank is None
+        ):
+            dtype = int(value.dtype) if value is not None and value.dtype is not None else onnx.TensorProto.FLOAT
+            full = output(name, dtype)
+            readers.append(lambda outputs, rows, o=observer, n=full: o.update(outputs[n]))
+            continue
+        if bounds is not None:
+            low, high = reduce("ReduceMin", name), reduce("ReduceMax", name)
+            readers.append(_bounds_reader(bounds, low, high))
+        if isinstance(observer, ChannelMeanObserver):
+            axis = observer.axis % rank
+            means = reduce("ReduceMean", name, [a for a in range(rank) if a != axis])
+            readers.append(lambda outputs, rows, o=observer, m=means: o.update_means(outputs[m], rows))
+    return proto, readers
+
+
+def _bounds_reader(observer: MinMaxObserver | MovingAverageObserver, low: str, high: str) -> Reader:
+    def read(outputs: Mapping[str, np.ndarray], rows: int) -> None:
+        observer.update_bounds(float(outputs[low]), float(outputs[high]))
+
+    return read

@@ -101,12 +101,33 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer, suffixing ``name`` until it is unique in the graph."""
-    taken = {v.name for v in ir.convenience.create_value_mapping(graph).values()} | set(graph.initializers)
-    unique, counter = name, 1
-    while unique in taken:
-        unique, counter = f"{name}_{counter}", counter + 1
+class UniqueNames:
+    """The value names a graph uses, to mint fresh ones without rescanning the graph each time.
+
+    Names minted here are recorded; values added to the graph by other means
+    after construction are not seen, so make one per rewrite.
+    """
+
+    __slots__ = ("_taken",)
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._taken = {v.name for v in ir.convenience.create_value_mapping(graph).values()} | set(graph.initializers)
+
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name_1``, ``name_2``... whichever is free first; it is taken from now on."""
+        unique, counter = name, 1
+        while unique in self._taken:
+            unique, counter = f"{name}_{counter}", counter + 1
+        self._taken.add(unique)
+        return unique
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, names: UniqueNames | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name``, suffixed until unique in the graph.
+
+    Pass the rewrite's ``names`` when adding many: building it scans the graph.
+    """
+    unique = (names or UniqueNames(graph)).fresh(name)
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     value.const_value = ir.tensor(array, name=unique)
     graph.register_initializer(value)

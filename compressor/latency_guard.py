@@ -24,6 +24,8 @@ from compressor.backends.base import Backend
 
 # A candidate must beat the current model by this fraction to count: less is noise here.
 MARGIN = 0.03
+QUICK_RUNS = 5
+CLEARLY_FASTER = 1.3  # a first timing this far ahead needs no confirmation
 
 
 def int8_islands(model: ir.Model) -> list[frozenset[str]]:
@@ -71,24 +73,28 @@ class LatencyGuard:
     """Choose which islands to keep in float so that the int8 model is not slower than fp32.
 
     ``build(float_nodes)`` returns the lowered int8 model with those extra nodes
-    in float. After the call, ``history`` lists (islands tried in float,
-    speed-up vs fp32) in order, and ``speedup`` is the chosen model's.
+    in float. Each comparison runs for about ``seconds``; a model that a short
+    first timing already shows to be clearly faster is not timed further. After
+    the call, ``history`` lists (nodes put in float, speed-up vs fp32) in order,
+    and ``speedup`` is the chosen model's.
     """
 
     backend: Backend
     feeds: Mapping[str, np.ndarray]
-    runs: int = 40
+    seconds: float = 1.0
     history: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
     speedup: float = 0.0
 
     def __call__(
         self,
         reference: onnx.ModelProto,
+        current: onnx.ModelProto,
         build: Callable[[frozenset[str]], onnx.ModelProto],
         islands: list[frozenset[str]],
     ) -> frozenset[str]:
-        current = build(frozenset())
-        fp32_ms, current_ms = self._time(reference, current)
+        fp32_ms, current_ms = self._time([reference, current], runs=QUICK_RUNS)
+        if fp32_ms / current_ms < CLEARLY_FASTER:
+            fp32_ms, current_ms = self._time([reference, current])
         self.speedup = fp32_ms / current_ms
         self.history = [((), self.speedup)]
         chosen: frozenset[str] = frozenset()
@@ -97,12 +103,15 @@ class LatencyGuard:
                 break
             candidate_nodes = chosen | island
             candidate = build(candidate_nodes)
-            fp32_ms, current_ms, candidate_ms = self._time(reference, current, candidate)
+            fp32_ms, current_ms, candidate_ms = self._time([reference, current, candidate])
             self.history.append((tuple(sorted(candidate_nodes)), fp32_ms / candidate_ms))
             if candidate_ms < current_ms * (1.0 - MARGIN):
                 chosen, current, current_ms = candidate_nodes, candidate, candidate_ms
             self.speedup = fp32_ms / current_ms
         return chosen
 
-    def _time(self, *models: onnx.ModelProto) -> list[float]:
-        return [latency.median_ms for latency in self.backend.latency(list(models), self.feeds, runs=self.runs)]
+    def _time(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
+        if runs is None:
+            estimate = self._time(models, runs=QUICK_RUNS)
+            runs = int(np.clip(self.seconds * 1e3 / sum(estimate), QUICK_RUNS, 200))
+        return [latency.median_ms for latency in self.backend.latency(models, self.feeds, runs=runs)]

@@ -44,6 +44,7 @@ from compressor.quant_params import activation_params, weight_channel_axis
 BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float whatever it costs
 MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost
 MAX_TRIALS = 8  # model evaluations the search may spend after the first
+RANK_SAMPLES = 8  # a layer's output holds thousands of values per sample: a few samples rank it
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def layer_sensitivity(
     """One entry per quantizable compute node of the float ``model`` (not modified), worst SQNR first.
 
     ``stats`` (from `compressor.passes.quantize_int8.calibrate`) is computed
-    here when not given; ``samples`` defaults to ``config.sensitivity_samples``.
+    here when not given; ``samples`` defaults to ``config.sensitivity_samples``,
+    at most `RANK_SAMPLES`.
     """
     config = config or QuantizeInt8Config()
     stats = stats or calibrate(model, dataset, config)
@@ -81,7 +83,8 @@ def layer_sensitivity(
     noise = dict.fromkeys(pairs, 0.0)
     macs: dict[str, int] = {}
     batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-    for batch in dataset.batches(batch_size=batch_size, limit=samples or config.sensitivity_samples):
+    limit = samples or min(config.sensitivity_samples, RANK_SAMPLES)
+    for batch in dataset.batches(batch_size=batch_size, limit=limit):
         outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
         for node, (float_name, twin_name, per_output) in pairs.items():
             reference = outputs[float_name].astype(np.float64)
@@ -110,11 +113,12 @@ def _with_quantized_twins(
     graph = copy.graph
     wanted = {name for name, _ in quantizable_nodes(copy, config)[0]}
     pairs: dict[str, tuple[str, str, int]] = {}
+    names = cir.UniqueNames(graph)
     for node in [n for n in graph if n.name in wanted]:
         source = node.inputs[0]
         params = activation_params(*stats.ranges[source.name], config)
-        scale = cir.add_initializer(graph, f"{node.name}__twin_scale", np.array(params.scale, np.float32))
-        zero = cir.add_initializer(graph, f"{node.name}__twin_zero", np.array(params.zero_point, params.dtype))
+        scale = cir.add_initializer(graph, f"{node.name}__twin_scale", np.array(params.scale, np.float32), names)
+        zero = cir.add_initializer(graph, f"{node.name}__twin_zero", np.array(params.zero_point, params.dtype), names)
         quantize = ir.Node("", "QuantizeLinear", [source, scale, zero], name=f"{node.name}__twin_q")
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{node.name}__twin_dq")
         attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
@@ -123,9 +127,9 @@ def _with_quantized_twins(
         graph.insert_after(node, [quantize, dequantize, twin])
         weight = node.inputs[1].const_value
         mean = stats.means.get(source.name) if config.bias_correction else None
-        quantize_node_weights(graph, twin, params, config, mean)
+        quantize_node_weights(graph, twin, params, config, mean, names)
         output, twin_output = node.outputs[0], twin.outputs[0]
-        twin_output.name = f"{node.name}__twin_output"
+        twin_output.name = names.fresh(f"{node.name}__twin_output")
         for value in (output, twin_output):
             if not value.is_graph_output():
                 graph.outputs.append(value)

@@ -35,7 +35,7 @@ from compressor import calibration
 from compressor import ir as cir
 from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
-from compressor.ir import add_initializer
+from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
 from compressor.quant_params import QuantParams, activation_params, output_shift, quantize_weight, weight_channel_axis
 
@@ -79,7 +79,7 @@ class QuantizeInt8Config:
     # most sensitive layers in float (None: never) while that helps, up to this fraction of the MACs.
     min_sqnr_db: float | None = 30.0
     max_float_fraction: float = 0.1  # of the compute MACs
-    sensitivity_samples: int = 32  # calibration samples per SQNR measurement
+    sensitivity_samples: int = 16  # calibration samples per model-SQNR measurement
 
     def __post_init__(self) -> None:
         checks = {
@@ -237,10 +237,12 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
     for alias, source in plan.shared.items():
         params[alias] = params[source]
     inputs = [(params[node.inputs[0].name], stats.means.get(node.inputs[0].name)) for node in plan.compute]
-    _insert_qdq(graph, plan, params)
+    names = UniqueNames(graph)
+    _insert_qdq(graph, plan, params, names)
     corrected: dict[str, float] = {}
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
-        shift = quantize_node_weights(graph, node, input_params, config, mean if config.bias_correction else None)
+        mean = mean if config.bias_correction else None
+        shift = quantize_node_weights(graph, node, input_params, config, mean, names)
         if shift is not None:
             corrected[node.name or node.op_type] = shift
     RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced
@@ -345,16 +347,16 @@ def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:
     return any(use.node is node for node in quantized)
 
 
-def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams]) -> None:
+def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams], names: UniqueNames) -> None:
     quantized_ids = {id(n) for n in plan.quantized}
     for name, value in plan.tensors.items():
         p = params[name]
-        scale = add_initializer(graph, f"{name}_scale", np.array(p.scale, dtype=np.float32))
-        zero = add_initializer(graph, f"{name}_zero_point", np.array(p.zero_point, dtype=p.dtype))
+        scale = add_initializer(graph, f"{name}_scale", np.array(p.scale, dtype=np.float32), names)
+        zero = add_initializer(graph, f"{name}_zero_point", np.array(p.zero_point, dtype=p.dtype), names)
         quantize = ir.Node("", "QuantizeLinear", [value, scale, zero], name=f"{name}_quantize")
-        quantize.outputs[0].name = f"{name}_quantized"
+        quantize.outputs[0].name = names.fresh(f"{name}_quantized")
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{name}_dequantize")
-        dequantize.outputs[0].name = f"{name}_dequantized"
+        dequantize.outputs[0].name = names.fresh(f"{name}_dequantized")
         for use in list(value.uses()):
             if id(use.node) in quantized_ids:
                 use.node.replace_input_with(use.idx, dequantize.outputs[0])
@@ -371,19 +373,21 @@ def quantize_node_weights(
     input_params: QuantParams,
     config: QuantizeInt8Config,
     mean: np.ndarray | None,
+    names: UniqueNames | None = None,
 ) -> float | None:
     """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
 
     Returns the largest |bias correction|, or None when none was applied.
     """
+    names = names or UniqueNames(graph)
     weight = node.inputs[1]
     array = weight.const_value.numpy().astype(np.float32)
     axis = weight_channel_axis(node, array.ndim)
     q, scale, zero = quantize_weight(array, axis, config)
     base = node.name or weight.name
-    q_value = add_initializer(graph, f"{base}_weight_quantized", q)
-    scale_value = add_initializer(graph, f"{base}_weight_scale", scale)
-    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero)
+    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
+    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
+    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
     attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
     dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
     graph.insert_before(node, dq)
@@ -406,9 +410,9 @@ def quantize_node_weights(
     bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
     bias_scale = np.broadcast_to(bias_scale, bias_array.shape).astype(np.float32)
     bias_q = np.clip(np.round(bias_array / bias_scale.astype(np.float64)), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
-    bq_value = add_initializer(graph, f"{base}_bias_quantized", bias_q)
-    bs_value = add_initializer(graph, f"{base}_bias_scale", bias_scale)
-    bz_value = add_initializer(graph, f"{base}_bias_zero_point", np.zeros(bias_q.shape, np.int32))
+    bq_value = add_initializer(graph, f"{base}_bias_quantized", bias_q, names)
+    bs_value = add_initializer(graph, f"{base}_bias_scale", bias_scale, names)
+    bz_value = add_initializer(graph, f"{base}_bias_zero_point", np.zeros(bias_q.shape, np.int32), names)
     bias_dq = ir.Node("", "DequantizeLinear", [bq_value, bs_value, bz_value], attributes=[ir.AttrInt64("axis", 0)],
                       name=f"{base}_bias_dq")  # fmt: skip
     graph.insert_before(node, bias_dq)

@@ -123,7 +123,7 @@ def guard_choice(calib: Path, int8_conv: float) -> tuple[frozenset[str], Latency
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
     islands = int8_islands(model)
     reference = backend.lower(quantize.variant(frozenset().union(*islands)))
-    chosen = guard(reference, lambda extra: backend.lower(quantize.variant(extra)), islands)
+    chosen = guard(reference, backend.lower(model), lambda extra: backend.lower(quantize.variant(extra)), islands)
     return chosen, guard
 
 
