@@ -48,7 +48,9 @@ class OnnxruntimeCPU(Backend):
             return to_proto(model)
         working = ir.serde.deserialize_model(cir.to_proto(model))
         self.rejected = lower_to_qlinear(working)
-        return to_proto(working)
+        lowered = to_proto(working)
+        lowered.graph.ClearField("value_info")  # onnxruntime infers shapes itself; this is deployment size
+        return lowered
 
 
 @functools.cache

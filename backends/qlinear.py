@@ -125,6 +125,8 @@ def lower_conv(graph: ir.Graph, node: ir.Node) -> None:
     weight = dequantized(node.inputs[1])
     if np.any(_const(weight.zero_point) != 0):
         raise Rejection("weight zero point is not 0 (asymmetric weights)")
+    # One shared scalar zero serves every per-channel weight: QLinearConv accepts it, and it saves a byte per channel.
+    weight = Quantized(weight.value, weight.scale, _shared_zero(graph, weight.zero_point))
     inputs = [*found.inputs[0].params(), *weight.params(), *found.output.params()[1:]]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = dequantized(node.inputs[2])
@@ -132,6 +134,15 @@ def lower_conv(graph: ir.Graph, node: ir.Node) -> None:
             raise Rejection("bias is not int32")
         inputs.append(bias.value)
     _replace(graph, found, [ir.Node("", "QLinearConv", inputs, attributes=_attributes(node), name=node.name)])
+
+
+def _shared_zero(graph: ir.Graph, like: ir.Value) -> ir.Value:
+    name = f"shared_zero_{like.dtype.name.lower()}"
+    if name not in graph.initializers:
+        zero = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(like.dtype))
+        zero.const_value = ir.tensor(np.zeros((), like.dtype.numpy()), name=name)
+        graph.register_initializer(zero)
+    return graph.initializers[name]
 
 
 def lower_matmul(graph: ir.Graph, node: ir.Node) -> None:

@@ -28,7 +28,7 @@ from compressor.sensitivity import LayerSensitivity, MixedPrecision
 
 TARGETS = ("fp32", "int8", "int16")
 IMPLEMENTED_TARGETS = ("fp32", "int8")
-EVAL_LIMIT_WITHOUT_EVAL_SET = 512
+EVAL_LIMIT_WITHOUT_EVAL_SET = 128  # calibration samples re-run for the report when no --eval is given
 
 
 @dataclass
