@@ -86,11 +86,10 @@ def layer_sensitivity(
     limit = samples or min(config.sensitivity_samples, RANK_SAMPLES)
     for batch in dataset.batches(batch_size=batch_size, limit=limit):
         outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
-        for node, (float_name, twin_name, per_output) in pairs.items():
-            reference = outputs[float_name].astype(np.float64)
-            signal[node] += float(np.sum(reference**2))
-            noise[node] += float(np.sum((outputs[twin_name] - reference) ** 2))
-            macs[node] = per_output * int(np.prod(reference.shape[1:]))
+        for node, probe in pairs.items():
+            signal[node] += float(outputs[probe.signal])
+            noise[node] += float(outputs[probe.noise])
+            macs[node] = probe.macs_per_value * int(np.prod(outputs[probe.shape][1:]))
     ops = dict(quantizable_nodes(model, config)[0])
     results = [LayerSensitivity(node, ops[node], _db(signal[node], noise[node]), macs[node]) for node in pairs]
     return sorted(results, key=lambda r: (r.sqnr_db, r.node))
@@ -102,17 +101,28 @@ def _db(signal: float, noise: float) -> float:
     return float(10.0 * np.log10(max(signal, 1e-30) / noise))
 
 
+@dataclass(frozen=True)
+class _TwinOutputs:
+    """Graph outputs that measure one layer against its int8 twin, per batch."""
+
+    signal: str  # sum of squares of the float output
+    noise: str  # sum of squares of (twin output - float output)
+    shape: str  # the float output's shape
+    macs_per_value: int
+
+
 def _with_quantized_twins(
     model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats
-) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, int]]]:
-    """A copy of ``model`` whose outputs include each compute node's output and its int8 twin's.
+) -> tuple[onnx.ModelProto, dict[str, _TwinOutputs]]:
+    """A copy of ``model`` where each compute node has an int8 twin and outputs its error as two sums.
 
-    Returns the model and, per node name, (float output, twin output, MACs per output value).
+    The sums are computed inside the model (ReduceSumSquare), so no activation
+    leaves onnxruntime and memory stays that of one forward pass.
     """
     copy = ir.serde.deserialize_model(cir.to_proto(model))
     graph = copy.graph
     wanted = {name for name, _ in quantizable_nodes(copy, config)[0]}
-    pairs: dict[str, tuple[str, str, int]] = {}
+    pairs: dict[str, _TwinOutputs] = {}
     names = cir.UniqueNames(graph)
     for node in [n for n in graph if n.name in wanted]:
         source = node.inputs[0]
@@ -128,13 +138,19 @@ def _with_quantized_twins(
         weight = node.inputs[1].const_value
         mean = stats.means.get(source.name) if config.bias_correction else None
         quantize_node_weights(graph, twin, params, config, mean, names)
-        output, twin_output = node.outputs[0], twin.outputs[0]
-        twin_output.name = names.fresh(f"{node.name}__twin_output")
-        for value in (output, twin_output):
-            if not value.is_graph_output():
-                graph.outputs.append(value)
+        output = node.outputs[0]
+        keep = [ir.AttrInt64("keepdims", 0)]
+        error = ir.Node("", "Sub", [twin.outputs[0], output], name=f"{node.name}__twin_error")
+        noise = ir.Node("", "ReduceSumSquare", [error.outputs[0]], attributes=keep, name=f"{node.name}__twin_noise")
+        signal = ir.Node("", "ReduceSumSquare", [output], attributes=keep, name=f"{node.name}__twin_signal")
+        shape = ir.Node("", "Shape", [output], name=f"{node.name}__twin_shape")
+        graph.insert_after(twin, [error, noise, signal, shape])
+        for measured in (signal, noise, shape):
+            measured.outputs[0].name = names.fresh(measured.name)
+            graph.outputs.append(measured.outputs[0])
         out_channels = weight.shape[weight_channel_axis(node, len(weight.shape))]
-        pairs[node.name] = (output.name, twin_output.name, int(np.prod(weight.shape)) // int(out_channels))
+        per_value = int(np.prod(weight.shape)) // int(out_channels)
+        pairs[node.name] = _TwinOutputs(signal.outputs[0].name, noise.outputs[0].name, shape.outputs[0].name, per_value)
     return cir.to_proto(copy), pairs
 
 
