@@ -38,6 +38,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see compress --help")
 
 
+DEMO_FOLDER = Path("compressor-demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="compress",
@@ -126,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     model, calib, evaluation, output, force = _resolve_paths(args)
+    demo_folder = args.demo and output.parent == DEMO_FOLDER
     unimplemented = [f"--{name.replace('_', '-')}" for name in PLANNED_FLAGS if getattr(args, name) is not None]
 
     from compressor.api import compress  # heavy imports only after the arguments are valid
@@ -147,6 +151,8 @@ def _main(argv: Sequence[str] | None) -> int:
         explain=args.explain is not None,
         unimplemented=unimplemented,
     )
+    if demo_folder:
+        DEMO_FOLDER.mkdir(exist_ok=True)  # only the demo creates a folder, and only its own
     result.save(output, force=force)
     print(result.report.table())
     evaluation_info = result.report.evaluation
@@ -193,10 +199,9 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         calib = args.calib or str(demo / "demo.npz")
         evaluation = args.eval or str(demo / "demo.npz")
         if args.output is None:
-            folder = Path("compressor-demo")
-            folder.mkdir(exist_ok=True)  # only the demo creates a folder, and only its own
-            args.output = str(folder / f"demo.{args.target}.onnx")
-            force = True  # the demo's own default output is re-written on every run
+            # The demo's own folder, created only once the run succeeded; its output is re-written every run.
+            args.output = str(DEMO_FOLDER / f"demo.{args.target}.onnx")
+            force = True
     elif args.model is None:
         raise UsageError("no model given; pass MODEL.onnx or --demo")
     else:
@@ -208,7 +213,7 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         raise UsageError(f"output {output} is the input model; choose another path with -o")
     if output.is_dir():
         raise UsageError(f"output {output} is a folder; pass a file path such as {output / model.name}")
-    if not output.parent.is_dir():
+    if not output.parent.is_dir() and not (args.demo and output.parent == DEMO_FOLDER):
         raise UsageError(f"output folder does not exist: {output.parent}; create it first")
     if output.exists() and not force:
         raise UsageError(f"output file already exists: {output}; pass --force to overwrite it")
@@ -225,6 +230,8 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
             raise UsageError(f"--report {args.report} is {what}; pass another path, e.g. {output.stem}.json")
     if args.dump_ir and Path(args.dump_ir).exists() and not Path(args.dump_ir).is_dir():
         raise UsageError(f"--dump-ir {args.dump_ir} is a file; pass a folder (it is created if missing)")
+    if args.dump_ir and Path(args.dump_ir).resolve() in {model.resolve().parent, output.resolve().parent}:
+        raise UsageError(f"--dump-ir {args.dump_ir} holds the input or output model; pass a folder of its own")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.threads < 1:

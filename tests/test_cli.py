@@ -241,6 +241,7 @@ def test_existing_output_needs_force(tmp_path: Path, model: Path, capsys: pytest
         case("negative-seed", "--seed -1", "seed"),
         case("output-is-folder", "-o {folder} --force", "output"),
         case("dump-ir-is-file", "--dump-ir {model}", "dump-ir"),
+        case("dump-ir-is-model-folder", "--dump-ir {tmp}", "holds the input or output model"),
     ],
 )
 def test_bad_paths_are_refused(
@@ -334,6 +335,26 @@ def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     assert (tmp_path / "compressor-demo" / "demo.fp32.onnx").is_file()
     code, _, err = run_cli(["--demo", "--no-latency"], capsys)  # the demo's own output is re-written
     assert code == 0, err
+
+
+def test_failed_demo_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    code, _, err = run_cli(["--demo", "--target", "int8", "--calib", "bad.npz", "--no-latency"], capsys)
+    assert code == 2 and "bad.npz" in err
+    assert not (tmp_path / "compressor-demo").exists()
+
+
+def test_keep_slow_int8_skips_the_latency_guard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for flags, guarded in (([], True), (["--keep-slow-int8"], False)):
+        report = tmp_path / f"report{guarded}.json"
+        argv = ["--demo", "--target", "int8", "--no-latency", "-o", tmp_path / f"d{guarded}.onnx", "--report", report]
+        code, _, err = run_cli([*argv, *flags], capsys)
+        assert code == 0, err
+        record = json.loads(report.read_text())["passes"][-1]
+        assert ("latency_guard" in record) is guarded
 
 
 def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
