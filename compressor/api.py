@@ -137,7 +137,8 @@ def compress(
             record["mixed_precision"] = [{"kept_float": list(kept), "sqnr_db": db} for kept, db in mixed.history]
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
-    _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency)
+    known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
+    _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
 
@@ -146,9 +147,10 @@ def _keep_faster_islands(guard: LatencyGuard, quantize: QuantizeInt8, backend: B
     islands = int8_islands(model)
     if not islands:
         return model
-    reference = backend.lower(quantize.variant(frozenset().union(*islands)))
-    build = lambda also_float: backend.lower(quantize.variant(also_float))  # noqa: E731
-    slower = guard(reference, backend.lower(model), build, islands)
+    def build(also_float: frozenset[str]) -> onnx.ModelProto:
+        return backend.lower(quantize.variant(also_float))
+
+    slower = guard(backend.lower(quantize.float_model()), backend.lower(model), build, islands)
     if not slower:
         return model
     why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"
@@ -193,11 +195,13 @@ def _measure(
     context: PassContext,
     specs: Sequence[runtime.InputSpec],
     measure_latency: bool,
+    known: Sequence[np.ndarray] = (),
 ) -> None:
     """Fill the summary rows: size, MACs, params, latency, then accuracy or fidelity.
 
     MACs and params are counted on the compressed IR (standard ONNX ops, so shape
-    inference sees them) rather than on the backend's lowering.
+    inference sees them) rather than on the backend's lowering. ``known`` holds
+    the float model's outputs on the first calibration samples, if calibration kept them.
     """
     before, after = compute_cost(original), compute_cost(compressed)
     report.rows += [
@@ -211,7 +215,7 @@ def _measure(
         fp32_latency, new_latency = backend.latency([original, lowered], feeds)
         label = f"latency (batch 1, {backend.threads} threads, median)"
         report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
-    _measure_fidelity(report, original, lowered, backend, context, specs)
+    _measure_fidelity(report, original, lowered, backend, context, specs, known)
 
 
 def _measure_fidelity(
@@ -221,22 +225,27 @@ def _measure_fidelity(
     backend: Backend,
     context: PassContext,
     specs: Sequence[runtime.InputSpec],
+    known: Sequence[np.ndarray],
 ) -> None:
-    reference_session, session = backend.session(original), backend.session(lowered)
+    session = backend.session(lowered)
     reference_logits, logits, labels = [], [], []
     if context.evaluation is not None or context.calibration is not None:
         data = context.evaluation or context.calibration
-        limit = None if context.evaluation is not None else EVAL_LIMIT_WITHOUT_EVAL_SET
+        limit = None if context.evaluation is not None else min(EVAL_LIMIT_WITHOUT_EVAL_SET, data.num_samples)
         source = "eval" if context.evaluation is not None else "calib"
+        if source == "calib" and known and len(known[0]) >= limit:
+            reference_logits.append(known[0][:limit])  # calibration already ran the float model on these
+        reference_session = None if reference_logits else backend.session(original)
         for batch in data.batches(batch_size=32, limit=limit):
-            reference_logits.append(backend.run(reference_session, batch.feeds)[0])
+            if reference_session is not None:
+                reference_logits.append(backend.run(reference_session, batch.feeds)[0])
             logits.append(backend.run(session, batch.feeds)[0])
             if batch.labels is not None:
                 labels.append(batch.labels)
     else:
         source = "random"
         feeds = runtime.random_feeds(specs, 32, context.seed)
-        reference_logits.append(backend.run(reference_session, feeds)[0])
+        reference_logits.append(backend.run(backend.session(original), feeds)[0])
         logits.append(backend.run(session, feeds)[0])
     reference, output = np.concatenate(reference_logits), np.concatenate(logits)
     report.evaluation = {"source": source, "samples": int(reference.shape[0])}

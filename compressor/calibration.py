@@ -260,27 +260,38 @@ def collect(
     num_samples: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
-) -> None:
+    keep_outputs: int = 0,
+) -> list[np.ndarray]:
     """Run the model over ``dataset`` once and update each tensor's observer.
 
     Min/max observers (and per-channel means) are fed by ReduceMin/ReduceMax/
     ReduceMean nodes added to a copy of the model, so onnxruntime hands back a
     few numbers per tensor instead of the tensor; histogram observers get the
     whole tensor as an extra graph output. One batch is alive at a time.
+    Returns the model's own outputs on the first ``keep_outputs`` samples (the
+    float reference later checks compare against), one array per output.
     """
     proto, readers = _instrumented(model, observers)
     session = runtime.make_session(proto)
     names = [output.name for output in session.get_outputs()]
+    model_outputs = [output.name for output in model.graph.outputs]
+    kept: list[list[np.ndarray]] = [[] for _ in model_outputs]
     total = dataset.num_samples if num_samples is None else min(num_samples, dataset.num_samples)
     batches = dataset.batches(batch_size=batch_size, limit=total)
     bar = tqdm(total=total, unit="sample", desc="calibrating", disable=not progress, leave=False)
+    seen = 0
     for batch in batches:
         outputs = {**batch.feeds, **dict(zip(names, runtime.run(session, batch.feeds), strict=True))}
         rows = next(iter(batch.feeds.values())).shape[0]
         for read in readers:
             read(outputs, rows)
+        if seen < keep_outputs:
+            for bucket, name in zip(kept, model_outputs, strict=True):
+                bucket.append(outputs[name][: keep_outputs - seen])
+        seen += rows
         bar.update(rows)
     bar.close()
+    return [np.concatenate(bucket) for bucket in kept] if keep_outputs else []
 
 
 Reader = Callable[[Mapping[str, np.ndarray], int], None]  # (this batch's outputs, samples in it)

@@ -155,11 +155,18 @@ def _with_quantized_twins(
 
 
 class _Probe:
-    """A few calibration batches and the fp32 model's outputs on them, for repeated model-SQNR checks."""
+    """A few calibration batches and the fp32 model's outputs on them, for repeated model-SQNR checks.
 
-    def __init__(self, model: onnx.ModelProto, dataset: Dataset, samples: int, batch_size: int) -> None:
+    The outputs come from ``stats`` when calibration kept enough of them (the same first samples).
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, dataset: Dataset, samples: int, batch_size: int, stats: CalibrationStats
+    ) -> None:
         self.feeds = [batch.feeds for batch in dataset.batches(batch_size=batch_size, limit=samples)]
-        self.reference = self._outputs(model)
+        count = sum(next(iter(feeds.values())).shape[0] for feeds in self.feeds)
+        kept = stats.outputs
+        self.reference = [o[:count] for o in kept] if kept and len(kept[0]) >= count else self._outputs(model)
 
     def _outputs(self, model: onnx.ModelProto) -> list[np.ndarray]:
         session = runtime.make_session(model)
@@ -199,7 +206,7 @@ class MixedPrecision:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
         proto = cir.to_proto(model)
         batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-        probe = _Probe(proto, dataset, config.sensitivity_samples, batch_size)
+        probe = _Probe(proto, dataset, config.sensitivity_samples, batch_size, stats)
         best = probe.sqnr_db(_quantized(proto, config, stats))
         self.history = [((), best)]
         target = config.min_sqnr_db

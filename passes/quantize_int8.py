@@ -47,6 +47,7 @@ ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
 INT32_LIMIT = 2**31 - 1
+REFERENCE_SAMPLES, REFERENCE_BYTES = 128, 64 * 2**20  # float outputs kept from calibration for later fp32 checks
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,15 @@ class CalibrationStats:
     """What calibration measured, reusable across variants of the same float model.
 
     ``ranges``: tensor name -> clipping range from the configured observer;
-    ``means``: compute node input name -> per-channel mean (for bias correction).
+    ``means``: compute node input name -> per-channel mean (for bias correction);
+    ``outputs``: the float model's outputs on the first calibration samples, so
+    later checks against fp32 need not run it again (empty if too large to keep).
     """
 
     ranges: Mapping[str, tuple[float, float]]
     means: Mapping[str, np.ndarray]
     samples: int
+    outputs: tuple[np.ndarray, ...] = ()
 
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
@@ -174,11 +178,17 @@ class QuantizeInt8(Pass):
         self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
 
+    def float_model(self) -> ir.Model:
+        """The model as the last run received it, before quantization."""
+        if self._float_model is None:
+            raise RuntimeError("QuantizeInt8.float_model needs a completed run")
+        return ir.serde.deserialize_model(self._float_model)
+
     def variant(self, also_float: frozenset[str]) -> ir.Model:
         """The last run's model again, with the nodes ``also_float`` left in float too (same statistics)."""
-        if self._float_model is None or self.applied is None or self.calibrated is None:
+        if self.applied is None or self.calibrated is None:
             raise RuntimeError("QuantizeInt8.variant needs a completed run")
-        model = ir.serde.deserialize_model(self._float_model)
+        model = self.float_model()
         config = replace(self.applied, keep_float=self.applied.keep_float | also_float)
         apply_quantization(model, config, self.calibrated)
         return model
@@ -200,10 +210,23 @@ def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> 
                 means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
     batch_size = dataset.batch_size_for(calibration.BATCH_INPUT_ELEMENTS, config.batch_size)
-    calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=batch_size)
+    outputs = calibration.collect(model, dataset, observers, num_samples=config.num_samples, batch_size=batch_size,
+                                  keep_outputs=_reference_samples(model))  # fmt: skip
     ranges = {name: obs.range() for name, obs in observers.items() if name in plan.tensors}
     samples = min(config.num_samples, dataset.num_samples)
-    return CalibrationStats(ranges, {name: obs.mean() for name, obs in means.items() if obs.count}, samples)
+    means_found = {name: obs.mean() for name, obs in means.items() if obs.count}
+    return CalibrationStats(ranges, means_found, samples, tuple(outputs))
+
+
+def _reference_samples(model: ir.Model) -> int:
+    """How many samples of model outputs calibration keeps: `REFERENCE_SAMPLES`, or none if they are large."""
+    per_sample = 0
+    for output in model.graph.outputs:
+        dims = list(output.shape)[1:] if output.shape is not None else [None]
+        if not all(isinstance(d, int) for d in dims):
+            return 0
+        per_sample += int(np.prod(dims, dtype=np.int64)) * 4
+    return REFERENCE_SAMPLES if per_sample * REFERENCE_SAMPLES <= REFERENCE_BYTES else 0
 
 
 def quantizable_nodes(model: ir.Model, config: QuantizeInt8Config) -> tuple[list[tuple[str, str]], frozenset[str]]:

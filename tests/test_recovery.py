@@ -262,3 +262,14 @@ def test_mixed_precision_is_off_without_a_target() -> None:
     choose = MixedPrecision(dataset=dataset)
     assert choose(model, calibrate(model, dataset, config), config) == {}
     assert choose.sensitivity == [] and len(choose.history) == 1
+
+
+def test_report_reuses_calibration_outputs_as_the_fp32_reference(tmp_path: Path) -> None:
+    """Without --eval the report compares against fp32 outputs kept from calibration: same numbers."""
+    result = compress(DEMO_ONNX, "int8", calib=DEMO_NPZ, measure_latency=False, latency_guard=False)
+    x = np.load(DEMO_NPZ)["x"][: result.report.evaluation["samples"]]
+    reference = run_onnx(onnx.load(DEMO_ONNX), {"input": x})[0]
+    compressed = runtime.run(runtime.make_session(result.lowered), {"input": x})[0]
+    reported = next(row.compressed for row in result.report.rows if row.label == "SQNR vs fp32")
+    assert result.report.evaluation == {**result.report.evaluation, "source": "calib", "samples": 128}
+    assert reported == pytest.approx(sqnr_db(reference, compressed), abs=0.01)
