@@ -22,8 +22,8 @@ from compressor import runtime
 from compressor.data import Dataset
 
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
-# Input values per batch when many intermediate tensors are exposed at once: ResNet-50 at
-# 224x224 holds about 80 activation values per input value, so this caps a batch near 170 MB.
+# Input values per batch for runs that keep many intermediate tensors alive at once (224x224
+# images: 3 per batch); activation memory grows with the input size.
 BATCH_INPUT_ELEMENTS = 2**19
 
 

@@ -1,4 +1,4 @@
-"""Quantization arithmetic: scales and zero points from ranges, and weight quantization."""
+"""Quantization arithmetic (scales and zero points from ranges, weight quantization) and the weight rewrite using it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
+
+from compressor.ir import UniqueNames, add_initializer
 
 if TYPE_CHECKING:
     from compressor.passes.quantize_int8 import QuantizeInt8Config
@@ -117,3 +119,61 @@ def weight_channel_axis(node: ir.Node, ndim: int) -> int:
     if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int():
         return 0
     return ndim - 1
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def quantize_node_weights(
+    graph: ir.Graph,
+    node: ir.Node,
+    input_params: QuantParams,
+    config: QuantizeInt8Config,
+    mean: np.ndarray | None,
+    names: UniqueNames | None = None,
+) -> float | None:
+    """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
+
+    Returns the largest |bias correction|, or None when none was applied.
+    """
+    names = names or UniqueNames(graph)
+    weight = node.inputs[1]
+    array = weight.const_value.numpy().astype(np.float32)
+    axis = weight_channel_axis(node, array.ndim)
+    q, scale, zero = quantize_weight(array, axis, config)
+    base = node.name or weight.name
+    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
+    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
+    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
+    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
+    dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    bias_array = None if bias is None else ir.convenience.get_const_tensor(bias)
+    if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
+        return None  # a non-constant or broadcast bias stays float
+    bias_array = None if bias_array is None else bias_array.numpy().astype(np.float64)
+    shift = None
+    if mean is not None and node.op_type in ("Conv", "Gemm"):
+        shape = [1] * array.ndim
+        shape[axis] = -1
+        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        shift = output_shift(node, dequantized - array, mean)
+        if shift is not None:
+            bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
+    if bias_array is None:
+        return None
+    bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
+    bias_scale = np.broadcast_to(bias_scale, bias_array.shape).astype(np.float32)
+    bias_q = np.clip(np.round(bias_array / bias_scale.astype(np.float64)), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
+    bq_value = add_initializer(graph, f"{base}_bias_quantized", bias_q, names)
+    bs_value = add_initializer(graph, f"{base}_bias_scale", bias_scale, names)
+    bz_value = add_initializer(graph, f"{base}_bias_zero_point", np.zeros(bias_q.shape, np.int32), names)
+    bias_dq = ir.Node("", "DequantizeLinear", [bq_value, bs_value, bz_value], attributes=[ir.AttrInt64("axis", 0)],
+                      name=f"{base}_bias_dq")  # fmt: skip
+    graph.insert_before(node, bias_dq)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, bias_dq.outputs[0])
+    return None if shift is None else float(np.max(np.abs(shift)))

@@ -36,10 +36,9 @@ from compressor.passes.quantize_int8 import (
     apply_quantization,
     calibrate,
     quantizable_nodes,
-    quantize_node_weights,
 )
 from compressor.pipeline import PassContext
-from compressor.quant_params import activation_params, weight_channel_axis
+from compressor.quant_params import activation_params, quantize_node_weights, weight_channel_axis
 
 BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float whatever it costs
 MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost

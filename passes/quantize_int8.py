@@ -37,7 +37,7 @@ from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
-from compressor.quant_params import QuantParams, activation_params, output_shift, quantize_weight, weight_channel_axis
+from compressor.quant_params import QuantParams, activation_params, quantize_node_weights
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
@@ -46,7 +46,6 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
-INT32_LIMIT = 2**31 - 1
 REFERENCE_SAMPLES, REFERENCE_BYTES = 128, 64 * 2**20  # float outputs kept from calibration for later fp32 checks
 
 
@@ -388,58 +387,3 @@ def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams], na
             graph.insert_before(next(iter(graph)), [quantize, dequantize])
         else:
             graph.insert_after(producer, [quantize, dequantize])
-
-
-def quantize_node_weights(
-    graph: ir.Graph,
-    node: ir.Node,
-    input_params: QuantParams,
-    config: QuantizeInt8Config,
-    mean: np.ndarray | None,
-    names: UniqueNames | None = None,
-) -> float | None:
-    """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
-
-    Returns the largest |bias correction|, or None when none was applied.
-    """
-    names = names or UniqueNames(graph)
-    weight = node.inputs[1]
-    array = weight.const_value.numpy().astype(np.float32)
-    axis = weight_channel_axis(node, array.ndim)
-    q, scale, zero = quantize_weight(array, axis, config)
-    base = node.name or weight.name
-    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
-    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
-    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
-    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
-    dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
-    graph.insert_before(node, dq)
-    node.replace_input_with(1, dq.outputs[0])
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    bias_array = None if bias is None else ir.convenience.get_const_tensor(bias)
-    if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
-        return None  # a non-constant or broadcast bias stays float
-    bias_array = None if bias_array is None else bias_array.numpy().astype(np.float64)
-    shift = None
-    if mean is not None and node.op_type in ("Conv", "Gemm"):
-        shape = [1] * array.ndim
-        shape[axis] = -1
-        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
-        shift = output_shift(node, dequantized - array, mean)
-        if shift is not None:
-            bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
-    if bias_array is None:
-        return None
-    bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
-    bias_scale = np.broadcast_to(bias_scale, bias_array.shape).astype(np.float32)
-    bias_q = np.clip(np.round(bias_array / bias_scale.astype(np.float64)), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
-    bq_value = add_initializer(graph, f"{base}_bias_quantized", bias_q, names)
-    bs_value = add_initializer(graph, f"{base}_bias_scale", bias_scale, names)
-    bz_value = add_initializer(graph, f"{base}_bias_zero_point", np.zeros(bias_q.shape, np.int32), names)
-    bias_dq = ir.Node("", "DequantizeLinear", [bq_value, bs_value, bz_value], attributes=[ir.AttrInt64("axis", 0)],
-                      name=f"{base}_bias_dq")  # fmt: skip
-    graph.insert_before(node, bias_dq)
-    if len(node.inputs) < 3:
-        node.resize_inputs(3)
-    node.replace_input_with(2, bias_dq.outputs[0])
-    return None if shift is None else float(np.max(np.abs(shift)))
