@@ -28,6 +28,7 @@ from compressor.sensitivity import LayerSensitivity, MixedPrecision
 
 TARGETS = ("fp32", "int8", "int16")
 IMPLEMENTED_TARGETS = ("fp32", "int8")
+FIDELITY_BATCH_ELEMENTS = 2**20  # input values per batch when measuring: 6 images at 224x224, 32 at 28x28
 EVAL_LIMIT_WITHOUT_EVAL_SET = 128  # calibration samples re-run for the report when no --eval is given
 
 
@@ -90,7 +91,8 @@ def compress(
         raise UsageError(f"{', '.join(requested)}: not implemented yet; use --target fp32 or int8 for now")
     chosen_backend = get_backend(backend, threads=threads, qdq=qdq)
     working = _load(model)
-    original = cir.to_proto(working)
+    # A file input is read again for the final measurements rather than held through every pass.
+    original = None if isinstance(model, (str, os.PathLike)) else cir.to_proto(working)
     specs = runtime.input_specs(working)
     context = PassContext(
         calibration=_dataset(calib, specs),
@@ -138,6 +140,8 @@ def compress(
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
+    if original is None:
+        original = cir.to_proto(_load(model))
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
@@ -236,7 +240,7 @@ def _measure_fidelity(
         if source == "calib" and known and len(known[0]) >= limit:
             reference_logits.append(known[0][:limit])  # calibration already ran the float model on these
         reference_session = None if reference_logits else backend.session(original)
-        for batch in data.batches(batch_size=32, limit=limit):
+        for batch in data.batches(batch_size=data.batch_size_for(FIDELITY_BATCH_ELEMENTS, 32), limit=limit):
             if reference_session is not None:
                 reference_logits.append(backend.run(reference_session, batch.feeds)[0])
             logits.append(backend.run(session, batch.feeds)[0])

@@ -24,7 +24,7 @@ from compressor.data import Dataset
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 # Input values per batch for runs that keep many intermediate tensors alive at once (224x224
 # images: 3 per batch); activation memory grows with the input size.
-BATCH_INPUT_ELEMENTS = 2**19
+BATCH_INPUT_ELEMENTS = 2**17
 
 
 class Observer(abc.ABC):

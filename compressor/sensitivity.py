@@ -60,7 +60,7 @@ class LayerSensitivity:
 
 
 def layer_sensitivity(
-    model: ir.Model,
+    model: ir.Model | onnx.ModelProto,
     dataset: Dataset,
     config: QuantizeInt8Config | None = None,
     stats: CalibrationStats | None = None,
@@ -74,9 +74,11 @@ def layer_sensitivity(
     at most `RANK_SAMPLES`.
     """
     config = config or QuantizeInt8Config()
-    stats = stats or calibrate(model, dataset, config)
-    twins, pairs = _with_quantized_twins(model, config, stats)
+    proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
+    stats = stats or calibrate(ir.serde.deserialize_model(proto), dataset, config)
+    twins, pairs = _with_quantized_twins(proto, config, stats)
     session = runtime.make_session(twins)
+    del twins  # onnxruntime holds its own copy
     names = [output.name for output in session.get_outputs()]
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
@@ -89,7 +91,7 @@ def layer_sensitivity(
             signal[node] += float(outputs[probe.signal])
             noise[node] += float(outputs[probe.noise])
             macs[node] = probe.macs_per_value * int(np.prod(outputs[probe.shape][1:]))
-    ops = dict(quantizable_nodes(model, config)[0])
+    ops = dict(quantizable_nodes(ir.serde.deserialize_model(proto), config)[0])
     results = [LayerSensitivity(node, ops[node], _db(signal[node], noise[node]), macs[node]) for node in pairs]
     return sorted(results, key=lambda r: (r.sqnr_db, r.node))
 
@@ -111,14 +113,14 @@ class _TwinOutputs:
 
 
 def _with_quantized_twins(
-    model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats
+    model: onnx.ModelProto, config: QuantizeInt8Config, stats: CalibrationStats
 ) -> tuple[onnx.ModelProto, dict[str, _TwinOutputs]]:
     """A copy of ``model`` where each compute node has an int8 twin and outputs its error as two sums.
 
     The sums are computed inside the model (ReduceSumSquare), so no activation
     leaves onnxruntime and memory stays that of one forward pass.
     """
-    copy = ir.serde.deserialize_model(cir.to_proto(model))
+    copy = ir.serde.deserialize_model(model)  # new IR over the proto's tensors; the proto is not modified
     graph = copy.graph
     wanted = {name for name, _ in quantizable_nodes(copy, config)[0]}
     pairs: dict[str, _TwinOutputs] = {}
@@ -199,18 +201,20 @@ class MixedPrecision:
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     history: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
 
-    def __call__(self, model: ir.Model, stats: CalibrationStats, config: QuantizeInt8Config) -> dict[str, str]:
+    def __call__(
+        self, model: onnx.ModelProto | ir.Model, stats: CalibrationStats, config: QuantizeInt8Config
+    ) -> dict[str, str]:
         dataset = self.dataset or PassContext.current().calibration
         if dataset is None:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
-        proto = cir.to_proto(model)
+        proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
         batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
         probe = _Probe(proto, dataset, config.sensitivity_samples, batch_size, stats)
         best = probe.sqnr_db(_quantized(proto, config, stats))
         self.history = [((), best)]
         target = config.min_sqnr_db
         search = target is not None and best < target and config.max_float_fraction > 0
-        ranked = layer_sensitivity(model, dataset, config, stats) if search or self.explain else []
+        ranked = layer_sensitivity(proto, dataset, config, stats) if search or self.explain else []
         self.sensitivity = ranked
         if not search:
             return {}

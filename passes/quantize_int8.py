@@ -118,7 +118,8 @@ class CalibrationStats:
 
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
-FloatChooser = Callable[[ir.Model, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
+# The float model comes serialized: the chooser builds its variants from it without another copy.
+FloatChooser = Callable[[onnx.ModelProto, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
 
 
 class QuantizeInt8(Pass):
@@ -168,10 +169,10 @@ class QuantizeInt8(Pass):
             stats = calibrate(model, context.calibration, self.config)
         self.calibrated = stats
         config = self.config
-        extra = dict(self.choose_float(model, stats, config)) if self.choose_float else {}
+        self._float_model = cir.to_proto(model)
+        extra = dict(self.choose_float(self._float_model, stats, config)) if self.choose_float else {}
         if extra:
             config = replace(config, keep_float=config.keep_float | frozenset(extra))
-        self._float_model = cir.to_proto(model)
         applied = apply_quantization(model, config, stats)
         self.params, self.corrected, self.applied = applied.params, applied.corrected, config
         self.skipped = {**applied.skipped, **extra}
