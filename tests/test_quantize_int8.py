@@ -87,6 +87,26 @@ class TestObservers:
         low, high = observer.range()
         assert low <= 0 <= high and high > 0
 
+    def test_collect_reduces_inside_the_model_exactly(self) -> None:
+        """Min/max and channel means computed by onnxruntime equal numpy's on the exposed tensors."""
+        model = imported(DEMO_ONNX)
+        dataset = Dataset(DEMO_ONNX.with_suffix(".npz"), runtime.input_specs(model))
+        conv_inputs = list(dict.fromkeys(n.inputs[0].name for n in model.graph if n.op_type == "Conv"))
+        observers = {name: calibration.ChannelMeanObserver(1, calibration.MinMaxObserver()) for name in conv_inputs}
+        kept = calibration.collect(model, dataset, observers, num_samples=40, batch_size=16, keep_outputs=24)
+        probe = cir.to_proto(model)
+        graph_inputs = {i.name for i in probe.graph.input}
+        probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in conv_inputs if name not in graph_inputs)
+        session = runtime.make_session(probe)
+        names = [o.name for o in session.get_outputs()]
+        feeds = dataset.first_batch(40)
+        values = dict(zip(names, runtime.run(session, feeds), strict=True)) | feeds
+        for name in conv_inputs:
+            tensor = values[name]
+            assert observers[name].range() == pytest.approx((min(0.0, tensor.min()), max(0.0, tensor.max())))
+            np.testing.assert_allclose(observers[name].mean(), tensor.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(kept[0], values[names[0]][:24], rtol=1e-6)
+
     def test_clipping_methods_clip_outliers(self) -> None:
         values = np.concatenate([np.random.default_rng(0).standard_normal(100_000), [80.0]]).astype(np.float32)
         for method in ("percentile", "entropy"):
