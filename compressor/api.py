@@ -14,8 +14,9 @@ import onnx_ir as ir
 from compressor import ir as cir
 from compressor import runtime
 from compressor.backends import Backend, get_backend
-from compressor.data import Dataset
+from compressor.data import Dataset, Samples
 from compressor.errors import UsageError
+from compressor.images import ImageFolder, Preprocess
 from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
 from compressor.latency_guard import LatencyGuard, int8_islands
 from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
@@ -54,6 +55,7 @@ def compress(
     *,
     calib: str | os.PathLike | None = None,
     eval: str | os.PathLike | None = None,  # noqa: A002 - mirrors the CLI flag
+    preprocess: str | None = None,
     backend: str = "cpu",
     verify: bool = False,
     seed: int = 0,
@@ -70,7 +72,8 @@ def compress(
     """Compress an ONNX model for a backend and measure it against the original.
 
     ``model`` is a path, an `onnx_ir.Model` or an `onnx.ModelProto` (not modified).
-    ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``). ``int8``
+    ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``) or folders of
+    images, read with ``preprocess`` (see `compressor.images.Preprocess.parse`). ``int8``
     overrides fields of `QuantizeInt8Config` (the backend's fast-path choices are
     the defaults); ``qdq`` keeps the portable QDQ form instead of fused
     integer operators. The int8 path quantizes with bias correction (and, when
@@ -95,8 +98,8 @@ def compress(
     original = None if isinstance(model, (str, os.PathLike)) else cir.to_proto(working)
     specs = runtime.input_specs(working)
     context = PassContext(
-        calibration=_dataset(calib, specs),
-        evaluation=_dataset(eval, specs),
+        calibration=_dataset(calib, specs, preprocess),
+        evaluation=_dataset(eval, specs, preprocess),
         backend=backend,
         seed=seed,
     )
@@ -182,10 +185,17 @@ def _load(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
     return cir.load_model(model)
 
 
-def _dataset(path: str | os.PathLike | None, specs: Sequence[runtime.InputSpec]) -> Dataset | None:
+def _dataset(
+    path: str | os.PathLike | None, specs: Sequence[runtime.InputSpec], preprocess: str | None
+) -> Samples | None:
     if path is None:
         return None
-    dataset = Dataset(path, specs)
+    if Path(path).is_dir():
+        dataset: Samples = ImageFolder(path, specs, Preprocess.parse(preprocess))
+    elif preprocess:
+        raise UsageError(f"--preprocess applies to image folders, and {path} is a file; drop --preprocess")
+    else:
+        dataset = Dataset(path, specs)
     dataset.validate()
     return dataset
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from compressor import ir as cir
 from compressor import runtime
-from compressor.data import Dataset
+from compressor.data import Samples
 
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 # Input values per batch for runs that keep many intermediate tensors alive at once (224x224
@@ -254,7 +254,7 @@ def make_observer(method: str, percentile: float = 99.99, levels: int = 256) -> 
 
 def collect(
     model: ir.Model,
-    dataset: Dataset,
+    dataset: Samples,
     observers: Mapping[str, Observer],
     *,
     num_samples: int | None = None,

@@ -19,6 +19,7 @@ examples:
   compress model.onnx --target int8 --calib calib.npz --eval test.npz
   compress model.onnx --target int8 --calib calib.npz --format qdq --calibration percentile
   compress model.onnx --target int8 --calib calib.npz --explain 10   rank layers by int8 sensitivity
+  compress model.onnx --target int8 --calib photos/ --preprocess resize=256,crop=224,mean=0.5,std=0.25
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
@@ -52,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="use the bundled demo model and data")
     parser.add_argument("--target", default="fp32", help="fp32 or int8 (int16: not implemented yet)")
     parser.add_argument("-o", "--output", help="output .onnx (default: MODEL.<target>.onnx beside the input)")
-    parser.add_argument("--calib", help="calibration data (.npz)")
-    parser.add_argument("--eval", help="evaluation data (.npz, with 'y' for accuracy)")
+    parser.add_argument("--calib", help="calibration data: .npz, or a folder of images")
+    parser.add_argument("--eval", help="evaluation data: .npz (with 'y' for accuracy), or a folder of images")
+    parser.add_argument(
+        "--preprocess",
+        metavar="SPEC",
+        help="for image folders: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw "
+        "(defaults: straight resize to the model's size, scale=1/255, no normalisation, nchw)",
+    )
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
         "--format",
@@ -139,6 +146,7 @@ def _main(argv: Sequence[str] | None) -> int:
         args.target,
         calib=calib,
         eval=evaluation,
+        preprocess=args.preprocess,
         backend=args.backend,
         verify=args.verify,
         seed=args.seed,
@@ -218,8 +226,8 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
     if output.exists() and not force:
         raise UsageError(f"output file already exists: {output}; pass --force to overwrite it")
     for flag, path in (("--calib", calib), ("--eval", evaluation)):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{flag} file not found: {path}; check the path")
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag} not found: {path}; check the path")
     if args.report:
         report = Path(args.report).resolve()
         if not report.parent.is_dir():

@@ -8,6 +8,7 @@ so memory stays flat however many samples the file holds. Nothing is unpickled.
 
 from __future__ import annotations
 
+import abc
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -44,7 +45,44 @@ class Batch:
     labels: np.ndarray | None
 
 
-class Dataset:
+class Samples(abc.ABC):
+    """Model inputs (and maybe labels) read lazily in batches: an ``.npz`` (`Dataset`) or images (`ImageFolder`)."""
+
+    __slots__ = ()
+    num_samples: int
+
+    @property
+    @abc.abstractmethod
+    def has_labels(self) -> bool:
+        """Whether batches carry labels."""
+
+    @abc.abstractmethod
+    def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        """Yield batches in order, each checked."""
+
+    @abc.abstractmethod
+    def sample_elements(self) -> int:
+        """Input values per sample, over all model inputs."""
+
+    def batch_size_for(self, elements: int, cap: int) -> int:
+        """The largest batch (at most ``cap``, at least 1) whose inputs hold no more than ``elements`` values.
+
+        Activation memory grows with the input size, so passes that expose many
+        intermediate tensors size their batches by it (a 224x224 image is 150k values).
+        """
+        return max(1, min(cap, elements // max(self.sample_elements(), 1)))
+
+    def first_batch(self, count: int) -> dict[str, np.ndarray]:
+        """Feeds of the first ``count`` samples (fewer if there are fewer)."""
+        return next(self.batches(batch_size=count, limit=count)).feeds
+
+    def validate(self) -> None:
+        """Stream once through the data so bad values fail before any work starts (about 16 MB at a time)."""
+        for _ in self.batches(batch_size=self.batch_size_for(2**22, 256)):
+            pass
+
+
+class Dataset(Samples):
     """A validated ``.npz`` bound to a model's inputs, read lazily in batches."""
 
     __slots__ = ("arrays", "labels", "num_samples", "path")
@@ -83,23 +121,8 @@ class Dataset:
                 labels = label_reader.read(count).astype(np.int64) if label_reader is not None else None
                 yield Batch(feeds, labels)
 
-    def batch_size_for(self, elements: int, cap: int) -> int:
-        """The largest batch (at most ``cap``, at least 1) whose inputs hold no more than ``elements`` values.
-
-        Activation memory grows with the input size, so passes that expose many
-        intermediate tensors size their batches by it (a 224x224 image is 150k values).
-        """
-        per_sample = sum(int(np.prod(info.shape[1:])) for info in self.arrays.values())
-        return max(1, min(cap, elements // max(per_sample, 1)))
-
-    def first_batch(self, count: int) -> dict[str, np.ndarray]:
-        """Feeds of the first ``count`` samples (fewer if the file is smaller)."""
-        return next(self.batches(batch_size=count, limit=count)).feeds
-
-    def validate(self) -> None:
-        """Stream once through the file so bad values fail before any work starts (about 16 MB at a time)."""
-        for _ in self.batches(batch_size=self.batch_size_for(2**22, 256)):
-            pass
+    def sample_elements(self) -> int:
+        return sum(int(np.prod(info.shape[1:])) for info in self.arrays.values())
 
 
 class _RowReader:

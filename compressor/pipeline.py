@@ -22,7 +22,7 @@ from onnx_ir.passes import InPlacePass, PassResult, PreconditionError
 from compressor.errors import CompressorError, MissingContextError, PassFailedError
 
 if TYPE_CHECKING:
-    from compressor.data import Dataset
+    from compressor.data import Samples
     from compressor.instruments import Instrument
 
 # What each declared need means, and the CLI flag that provides it.
@@ -61,9 +61,9 @@ class PassContext:
     Use as a context manager to make it `PassContext.current()`.
     """
 
-    calibration: Dataset | None = None
-    evaluation: Dataset | None = None
-    train: Dataset | None = None
+    calibration: Samples | None = None
+    evaluation: Samples | None = None
+    train: Samples | None = None
     backend: str = "cpu"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)

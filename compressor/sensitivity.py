@@ -27,7 +27,7 @@ import onnx_ir as ir
 from compressor import ir as cir
 from compressor import runtime
 from compressor.calibration import BATCH_INPUT_ELEMENTS
-from compressor.data import Dataset
+from compressor.data import Samples
 from compressor.errors import ModelError
 from compressor.metrics import compare_outputs
 from compressor.passes.quantize_int8 import (
@@ -61,7 +61,7 @@ class LayerSensitivity:
 
 def layer_sensitivity(
     model: ir.Model | onnx.ModelProto,
-    dataset: Dataset,
+    dataset: Samples,
     config: QuantizeInt8Config | None = None,
     stats: CalibrationStats | None = None,
     *,
@@ -162,7 +162,7 @@ class _Probe:
     """
 
     def __init__(
-        self, model: onnx.ModelProto, dataset: Dataset, samples: int, batch_size: int, stats: CalibrationStats
+        self, model: onnx.ModelProto, dataset: Samples, samples: int, batch_size: int, stats: CalibrationStats
     ) -> None:
         self.feeds = [batch.feeds for batch in dataset.batches(batch_size=batch_size, limit=samples)]
         count = sum(next(iter(feeds.values())).shape[0] for feeds in self.feeds)
@@ -196,7 +196,7 @@ class MixedPrecision:
     order; a layer that did not help is dropped again in the next entry).
     """
 
-    dataset: Dataset | None = None
+    dataset: Samples | None = None
     explain: bool = False
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     history: list[tuple[tuple[str, ...], float]] = field(default_factory=list)

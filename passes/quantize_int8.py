@@ -33,7 +33,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor import calibration
 from compressor import ir as cir
-from compressor.data import Dataset
+from compressor.data import Samples
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
@@ -194,7 +194,7 @@ class QuantizeInt8(Pass):
         return model
 
 
-def calibrate(model: ir.Model, dataset: Dataset, config: QuantizeInt8Config) -> CalibrationStats:
+def calibrate(model: ir.Model, dataset: Samples, config: QuantizeInt8Config) -> CalibrationStats:
     """Observe every tensor any variant of ``model`` may quantize (``keep_float`` ignored), in one data pass."""
     plan = _Plan.build(model.graph, replace(config, keep_float=frozenset()))
     levels = 256
