@@ -18,6 +18,8 @@ import onnxruntime as ort
 from compressor import ir as cir
 from compressor import metrics, runtime
 
+QUICK_RUNS = 5  # a first timing that sizes the real one
+
 
 class Backend(abc.ABC):
     """One onnxruntime target: its providers and its lowering."""
@@ -62,10 +64,19 @@ class Backend(abc.ABC):
         self,
         models: Sequence[ir.Model | onnx.ModelProto],
         feeds: Mapping[str, np.ndarray],
-        runs: int = 20,
+        runs: int | None = None,
+        seconds: float = 1.0,
     ) -> list[metrics.Latency]:
-        """Median latency of each model, measured interleaved with spinning off."""
+        """Median latency of each model, measured interleaved with spinning off.
+
+        Without ``runs``, a short first timing sets the count so the whole
+        measurement takes about ``seconds`` (20 to 500 runs): tiny models get
+        enough runs for a stable median, large ones do not take minutes.
+        """
         sessions = [self.session(m, spinning=False) for m in models]
+        if runs is None:
+            estimate = metrics.interleaved_latency(sessions, feeds, runs=QUICK_RUNS)
+            runs = int(np.clip(seconds * 1e3 / sum(t.median_ms for t in estimate), 20, 500))
         return metrics.interleaved_latency(sessions, feeds, runs=runs)
 
     def __repr__(self) -> str:

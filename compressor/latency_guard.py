@@ -24,7 +24,7 @@ from compressor.backends.base import Backend
 
 # A candidate must beat the current model by this fraction to count: less is noise here.
 MARGIN = 0.03
-QUICK_RUNS = 5
+QUICK_RUNS = 5  # runs of the first, unconfirmed timing
 CLEARLY_FASTER = 1.3  # a first timing this far ahead needs no confirmation
 
 
@@ -111,7 +111,5 @@ class LatencyGuard:
         return chosen
 
     def _time(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
-        if runs is None:
-            estimate = self._time(models, runs=QUICK_RUNS)
-            runs = int(np.clip(self.seconds * 1e3 / sum(estimate), QUICK_RUNS, 200))
-        return [latency.median_ms for latency in self.backend.latency(models, self.feeds, runs=runs)]
+        timings = self.backend.latency(models, self.feeds, runs=runs, seconds=self.seconds)
+        return [latency.median_ms for latency in timings]

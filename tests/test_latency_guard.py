@@ -105,7 +105,11 @@ class CountingCPU(OnnxruntimeCPU):
         self.int8_conv = int8_conv
 
     def latency(
-        self, models: Sequence[ir.Model | onnx.ModelProto], feeds: Mapping[str, np.ndarray], runs: int = 20
+        self,
+        models: Sequence[ir.Model | onnx.ModelProto],
+        feeds: Mapping[str, np.ndarray],
+        runs: int | None = None,
+        seconds: float = 1.0,
     ) -> list[Latency]:
         costs = {"QLinearConv": self.int8_conv, "Conv": 1.0}
         results = []
@@ -113,7 +117,7 @@ class CountingCPU(OnnxruntimeCPU):
             proto = self.lower(model) if isinstance(model, ir.Model) else model
             self.session(proto)  # each candidate must still build a real session
             total = sum(costs.get(node.op_type, 0.01) for node in proto.graph.node)
-            results.append(Latency(total, total, total, runs))
+            results.append(Latency(total, total, total, runs or 1))
         return results
 
 
