@@ -20,11 +20,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from compressor.backends.base import Backend
+from compressor.backends.base import QUICK_RUNS, Backend
 
 # A candidate must beat the current model by this fraction to count: less is noise here.
 MARGIN = 0.03
-QUICK_RUNS = 5  # runs of the first, unconfirmed timing
 CLEARLY_FASTER = 1.3  # a first timing this far ahead needs no confirmation
 
 
