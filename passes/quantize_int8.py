@@ -11,8 +11,9 @@ after the activation is quantized instead of the one before it, so the
 activation disappears into the output range when lowered.
 
 Calibration (`calibrate`) and rewriting (`apply_quantization`) are separate, so
-one set of `CalibrationStats` serves many variants of a model (the
-sensitivity analysis quantizes one layer at a time with the same ranges).
+one set of `CalibrationStats` serves many variants of a model: the
+mixed-precision search and the latency guard rebuild the model with different
+nodes in float from the same ranges (`QuantizeInt8.variant`).
 
 Bias correction (Nagel et al. 2019, empirical form): weight rounding shifts
 each output channel's mean by ``eps = (W_q - W) @ E[x]``; calibration also
