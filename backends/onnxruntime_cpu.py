@@ -4,7 +4,9 @@ fp32 models are handed over as they are; onnxruntime's own graph optimisations
 do the rest. Quantized (QDQ) models are lowered to fused integer operators
 (QLinearConv with the activation folded into its output range, QLinearAdd,
 QLinearGlobalAveragePool, QLinearConcat, QGemm, integer MaxPool/Reshape), the
-form that runs fastest here. ``qdq=True`` keeps the portable QDQ form instead.
+form that runs fastest here: stride-2 stems on few channels are folded by
+space-to-depth first, and on CPUs with AMX each conv takes whichever of MLAS's
+two int8 paths profiles faster. ``qdq=True`` keeps the portable QDQ form instead.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import onnx
 import onnx_ir as ir
 
 from compressor import ir as cir
+from compressor import runtime
 from compressor.backends.base import Backend, to_proto
+from compressor.backends.conv_kernels import ConvKernelChooser
 from compressor.backends.qlinear import lower_to_qlinear
+from compressor.backends.space_to_depth import space_to_depth_stems
+from compressor.errors import DataError
 
 
 class OnnxruntimeCPU(Backend):
@@ -34,6 +40,10 @@ class OnnxruntimeCPU(Backend):
     name = "cpu"
     providers = ("CPUExecutionProvider",)
 
+    def __init__(self, threads: int = runtime.DEFAULT_THREADS, qdq: bool = False) -> None:
+        super().__init__(threads, qdq)
+        self.conv_kernels = ConvKernelChooser(threads) if cpu_has_amx() else None
+
     @property
     def int8_preferences(self) -> Mapping[str, object]:
         bits = 8 if cpu_has_vnni() else 7
@@ -47,18 +57,34 @@ class OnnxruntimeCPU(Backend):
         if self.qdq or not any(node.op_type == "QuantizeLinear" for node in model.graph):
             return to_proto(model)
         working = ir.serde.deserialize_model(cir.to_proto(model))
+        space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
         lowered = to_proto(working)
         lowered.graph.ClearField("value_info")  # onnxruntime infers shapes itself; this is deployment size
+        if self.conv_kernels is not None:
+            try:
+                feeds = runtime.random_feeds(runtime.input_specs(working), batch=1, seed=0)
+            except DataError:  # symbolic sizes beyond the batch: nothing to profile with
+                return lowered
+            lowered = self.conv_kernels(lowered, feeds)
         return lowered
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has AVX512-VNNI, AVX-VNNI or AMX-INT8 (Linux; elsewhere assume not)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
+
+
+def cpu_has_amx() -> bool:
+    """Whether this x86 CPU has AMX-INT8 tiles (Linux; elsewhere assume not)."""
+    return "amx_int8" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+        return frozenset()
+    flags = next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(flags.split())

@@ -154,6 +154,7 @@ def _keep_faster_islands(guard: LatencyGuard, quantize: QuantizeInt8, backend: B
     islands = int8_islands(model)
     if not islands:
         return model
+
     def build(also_float: frozenset[str]) -> onnx.ModelProto:
         return backend.lower(quantize.variant(also_float))
 

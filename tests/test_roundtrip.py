@@ -30,6 +30,7 @@ DEMO = Path(__file__).resolve().parent.parent / "compressor" / "demo" / "demo.on
 RTOL, ATOL = 1e-5, 1e-7
 INPUT_SHAPE = (3, 16, 16)
 
+
 def compress_file(src: Path, dst: Path) -> onnx.ModelProto:
     """The fp32 path of ``compress``: load, import passes with numerics checked, lower for CPU, save."""
     model = cir.load_model(src)

@@ -1,0 +1,133 @@
+"""Stride-2 stems with few input channels, rewritten as a stride-1 conv on a space-to-depth input.
+
+A ResNet stem (7x7, stride 2, 3 input channels) reduces over only 147 values
+per output, and MLAS's int8 conv kernels are slow there: on an AVX-512/AMX
+Xeon it is no faster than fp32 and takes 0.9 ms of ResNet-18's 5 ms. The same
+conv on the input folded 2x2 into 12 channels (a 4x4 kernel, stride 1, the
+kernel zero-padded to 8x8 first) is exact and runs in about 60% of the time.
+
+The rewrite is done in QDQ form before the integer lowering:
+``x -> Q -> DQ -> Conv`` becomes ``x -> Pad -> SpaceToDepth -> Q -> DQ -> Conv'``.
+Pad and SpaceToDepth run in float on the model input, which is small; padding
+with 0 before quantizing is padding with the zero point after, so every integer
+product is the one the original conv computes, plus products with zero weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor import ir as cir
+
+BLOCK = 2
+MAX_INPUT_CHANNELS = 4  # beyond this the int8 kernels are already efficient
+
+
+def space_to_depth_stems(graph: ir.Graph) -> list[str]:
+    """Rewrite every eligible stem conv in ``graph`` in place; return their names."""
+    names = cir.UniqueNames(graph)
+    rewritten = []
+    for node in list(graph):
+        if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and _eligible(node):
+            _rewrite(graph, node, names)
+            rewritten.append(node.name)
+    return rewritten
+
+
+def _attr(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    attr = node.attributes.get(name)
+    return list(attr.as_ints()) if attr is not None else default
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _sole_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _eligible(conv: ir.Node) -> bool:
+    dequantize = _producer(conv.inputs[0], "DequantizeLinear")
+    quantize = _producer(dequantize.inputs[0], "QuantizeLinear") if dequantize else None
+    weight = _producer(conv.inputs[1], "DequantizeLinear")
+    if quantize is None or weight is None or weight.inputs[0].const_value is None:
+        return False
+    if not all(_sole_use(value) for value in (conv.inputs[0], dequantize.inputs[0], conv.inputs[1])):
+        return False
+    shape = quantize.inputs[0].shape
+    kernel = weight.inputs[0].const_value.shape
+    auto_pad = conv.attributes.get("auto_pad")
+    return (
+        shape is not None
+        and len(shape) == 4
+        and all(isinstance(d, int) for d in shape[2:])
+        and len(kernel) == 4
+        and kernel[1] <= MAX_INPUT_CHANNELS
+        and min(kernel[2:]) > 1
+        and _attr(conv, "strides", [1, 1]) == [BLOCK, BLOCK]
+        and _attr(conv, "dilations", [1, 1]) == [1, 1]
+        and conv.attributes.get_int("group", 1) == 1
+        and (auto_pad is None or auto_pad.as_string() == "NOTSET")
+        and (quantize.inputs[1].const_value is not None and quantize.inputs[1].const_value.size == 1)
+    )
+
+
+def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> None:
+    dequantize = conv.inputs[0].producer()
+    quantize = dequantize.inputs[0].producer()
+    weight = conv.inputs[1].producer()
+    source = quantize.inputs[0]
+    height, width = source.shape[2], source.shape[3]
+    pads = _attr(conv, "pads", [0, 0, 0, 0])
+
+    folded_kernel = [-(-k // BLOCK) for k in weight.inputs[0].const_value.shape[2:]]
+    outputs = [
+        (size + begin + end - k) // BLOCK + 1
+        for size, begin, end, k in zip(
+            (height, width), pads[:2], pads[2:], weight.inputs[0].const_value.shape[2:], strict=True
+        )
+    ]
+    padded = [BLOCK * (out + k - 1) for out, k in zip(outputs, folded_kernel, strict=True)]
+    ends = [full - size - begin for full, size, begin in zip(padded, (height, width), pads[:2], strict=True)]
+    if min(ends) < 0:
+        return
+
+    pad_amounts = cir.add_initializer(
+        graph, names.fresh(f"{conv.name}_s2d_pads"), np.array([0, 0, pads[0], pads[1], 0, 0, *ends], np.int64), names
+    )
+    pad = ir.Node("", "Pad", [source, pad_amounts], name=names.fresh(f"{conv.name}_s2d_pad"))
+    fold = ir.Node(
+        "",
+        "SpaceToDepth",
+        pad.outputs,
+        attributes=[ir.AttrInt64("blocksize", BLOCK)],
+        name=names.fresh(f"{conv.name}_s2d"),
+    )
+    for new, value_name in ((pad, "pad"), (fold, "fold")):
+        new.outputs[0].name = names.fresh(f"{conv.name}_s2d_{value_name}")
+        new.outputs[0].type = source.type
+    graph.insert_before(quantize, [pad, fold])
+    quantize.replace_input_with(0, fold.outputs[0])
+    for stale in (quantize.outputs[0], dequantize.outputs[0]):
+        stale.shape = None
+
+    folded = _fold_weights(weight.inputs[0].const_value.numpy(), folded_kernel)
+    weight.replace_input_with(0, cir.add_initializer(graph, names.fresh(f"{conv.name}_s2d_weight"), folded, names))
+    conv.attributes["strides"] = ir.AttrInt64s("strides", [1, 1])
+    conv.attributes["pads"] = ir.AttrInt64s("pads", [0, 0, 0, 0])
+    if "kernel_shape" in conv.attributes:
+        conv.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", folded_kernel)
+
+
+def _fold_weights(weights: np.ndarray, folded_kernel: list[int]) -> np.ndarray:
+    """[O, C, kh, kw] -> [O, 4C, ceil(kh/2), ceil(kw/2)] in SpaceToDepth's channel order ((r * 2 + s) * C + c)."""
+    out_channels, in_channels, kh, kw = weights.shape
+    padded = np.zeros((out_channels, in_channels, BLOCK * folded_kernel[0], BLOCK * folded_kernel[1]), weights.dtype)
+    padded[:, :, :kh, :kw] = weights
+    blocks = padded.reshape(out_channels, in_channels, folded_kernel[0], BLOCK, folded_kernel[1], BLOCK)
+    return np.ascontiguousarray(blocks.transpose(0, 3, 5, 1, 2, 4)).reshape(
+        out_channels, BLOCK * BLOCK * in_channels, *folded_kernel
+    )
