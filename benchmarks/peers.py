@@ -7,6 +7,7 @@ RSS only counts what it uses. A recipe that does not apply raises `NotApplicable
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterator
@@ -67,7 +68,8 @@ def _ort_quantize(model: ZooModel, out_path: Path, *, preprocess: bool, **option
     source = model.onnx_path
     if preprocess:
         source = out_path.with_name("preprocessed.onnx")
-        quant_pre_process(str(model.onnx_path), str(source))
+        with contextlib.chdir(out_path.parent):  # its shape inference leaves temporary files in the working folder
+            quant_pre_process(str(model.onnx_path), str(source))
     quantize_static(str(source), str(out_path), _ort_reader(model), **options)
     return out_path
 
