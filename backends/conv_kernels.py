@@ -34,8 +34,8 @@ from compressor import runtime
 
 OFFSET_ZERO_NAME = "weight_zero_offset"
 MIN_GAIN = 0.05
-PROFILE_RUNS = 30
-WARMUP_RUNS = 3
+PROFILE_RUNS = 12
+WARMUP_RUNS = 2
 Key = tuple[str, tuple[int, ...], str]
 
 

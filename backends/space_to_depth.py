@@ -29,8 +29,12 @@ def space_to_depth_stems(graph: ir.Graph) -> list[str]:
     names = cir.UniqueNames(graph)
     rewritten = []
     for node in list(graph):
-        if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and _eligible(node):
-            _rewrite(graph, node, names)
+        if (
+            node.op_type == "Conv"
+            and node.domain in ("", "ai.onnx")
+            and _eligible(node)
+            and _rewrite(graph, node, names)
+        ):
             rewritten.append(node.name)
     return rewritten
 
@@ -75,7 +79,7 @@ def _eligible(conv: ir.Node) -> bool:
     )
 
 
-def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> None:
+def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> bool:
     dequantize = conv.inputs[0].producer()
     quantize = dequantize.inputs[0].producer()
     weight = conv.inputs[1].producer()
@@ -93,12 +97,14 @@ def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> None:
     padded = [BLOCK * (out + k - 1) for out, k in zip(outputs, folded_kernel, strict=True)]
     ends = [full - size - begin for full, size, begin in zip(padded, (height, width), pads[:2], strict=True)]
     if min(ends) < 0:
-        return
+        return False
 
     pad_amounts = cir.add_initializer(
         graph, names.fresh(f"{conv.name}_s2d_pads"), np.array([0, 0, pads[0], pads[1], 0, 0, *ends], np.int64), names
     )
-    pad = ir.Node("", "Pad", [source, pad_amounts], name=names.fresh(f"{conv.name}_s2d_pad"))
+    quantized = quantize.outputs[0]
+    zero_point = quantize.inputs[2] if len(quantize.inputs) > 2 else None  # absent: 0, Pad's default too
+    pad = ir.Node("", "Pad", [quantized, pad_amounts, zero_point], name=names.fresh(f"{conv.name}_s2d_pad"))
     fold = ir.Node(
         "",
         "SpaceToDepth",
@@ -108,11 +114,10 @@ def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> None:
     )
     for new, value_name in ((pad, "pad"), (fold, "fold")):
         new.outputs[0].name = names.fresh(f"{conv.name}_s2d_{value_name}")
-        new.outputs[0].type = source.type
-    graph.insert_before(quantize, [pad, fold])
-    quantize.replace_input_with(0, fold.outputs[0])
-    for stale in (quantize.outputs[0], dequantize.outputs[0]):
-        stale.shape = None
+        new.outputs[0].type = quantized.type
+    graph.insert_after(quantize, [pad, fold])
+    dequantize.replace_input_with(0, fold.outputs[0])
+    dequantize.outputs[0].shape = None
 
     folded = _fold_weights(weight.inputs[0].const_value.numpy(), folded_kernel)
     weight.replace_input_with(0, cir.add_initializer(graph, names.fresh(f"{conv.name}_s2d_weight"), folded, names))
@@ -120,6 +125,7 @@ def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> None:
     conv.attributes["pads"] = ir.AttrInt64s("pads", [0, 0, 0, 0])
     if "kernel_shape" in conv.attributes:
         conv.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", folded_kernel)
+    return True
 
 
 def _fold_weights(weights: np.ndarray, folded_kernel: list[int]) -> np.ndarray:
