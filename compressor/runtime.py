@@ -7,6 +7,7 @@ needs a reference runtime and dependencies only point from backends to core.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor import ir as cir
-from compressor.errors import DataError
+from compressor.errors import DataError, ModelError
 
 DEFAULT_THREADS = 2
 
@@ -102,7 +103,17 @@ def make_session(
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = str(model)
-    return ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
+    try:
+        return ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
+        too_new = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", str(exc))
+        if too_new:
+            found, limit = too_new.groups()
+            raise ModelError(
+                f"the model's IR version {found} is newer than onnxruntime {ort.__version__} reads (at most {limit}); "
+                f"upgrade onnxruntime, or save the model with ir_version={limit}"
+            ) from exc
+        raise
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

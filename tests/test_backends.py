@@ -10,11 +10,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from conftest import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
 import compressor.ir as cir
+from compressor import runtime
 from compressor.backends import BACKENDS, Backend, OnnxruntimeCPU, OnnxruntimeCUDA, get_backend
-from compressor.errors import BackendUnavailableError, CompressorError, UsageError
+from compressor.errors import BackendUnavailableError, CompressorError, ModelError, UsageError
 from compressor.metrics import Latency
 
 DEMO = Path(__file__).resolve().parent.parent / "compressor" / "demo" / "demo.onnx"
@@ -182,3 +184,11 @@ def test_cuda_matches_cpu() -> None:
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected, strict=True):
         np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_model_newer_than_onnxruntime_is_a_clear_model_error() -> None:
+    """Seen on a GPU machine: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot read."""
+    model = conv_bn_model()
+    model.ir_version = 99
+    with pytest.raises(ModelError, match=r"IR version 99 is newer than onnxruntime .* ir_version=\d+"):
+        runtime.make_session(model)
