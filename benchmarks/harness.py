@@ -32,7 +32,7 @@ import onnxruntime as ort
 from compressor import ir as cir
 from compressor import runtime
 from compressor.data import Dataset
-from compressor.metrics import compute_cost, interleaved_latency, sqnr_db
+from compressor.metrics import blocked_latency, compute_cost, interleaved_latency, sqnr_db
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -98,6 +98,8 @@ class Row:
     params_fp32: int | None = None
     latency_ms: dict[int, float] = field(default_factory=dict)
     latency_fp32_ms: dict[int, float] = field(default_factory=dict)
+    latency_spinning_ms: float | None = None  # batch 1, onnxruntime's default options (spinning on)
+    latency_fp32_spinning_ms: float | None = None
 
     @property
     def size_ratio(self) -> float | None:
@@ -117,6 +119,11 @@ class Row:
     def speedup(self, batch: int) -> float | None:
         """fp32 latency / compressed latency at ``batch``."""
         return _ratio(self.latency_fp32_ms.get(batch), self.latency_ms.get(batch))
+
+    @property
+    def speedup_spinning(self) -> float | None:
+        """fp32 / compressed latency at batch 1 with onnxruntime's default options (spinning on)."""
+        return _ratio(self.latency_fp32_spinning_ms, self.latency_spinning_ms)
 
     @property
     def drop_pt(self) -> float | None:
@@ -274,6 +281,13 @@ def _measure_output(row: Row, model: ZooModel, path: Path, runs: int, eval_limit
             continue
         ref, new = interleaved_latency([fp32, test], sliced, runs=runs)
         row.latency_fp32_ms[batch], row.latency_ms[batch] = ref.median_ms, new.median_ms
+    del fp32, test  # their threads must not share the cores with the spinning sessions below
+    spinning = runtime.session_options(threads=THREADS, spinning=True)
+    sessions = [
+        ort.InferenceSession(str(p), spinning, providers=["CPUExecutionProvider"]) for p in (model.onnx_path, path)
+    ]
+    ref, new = blocked_latency(sessions, {k: v[:1] for k, v in feeds.items()}, runs=runs)
+    row.latency_fp32_spinning_ms, row.latency_spinning_ms = ref.median_ms, new.median_ms
 
 
 def _fidelity(

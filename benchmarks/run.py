@@ -66,7 +66,16 @@ SCALE = [ORT_DEFAULTS, ORT_BEST, OURS_INT8]
 BASE_COLUMNS = ["model", "recipe", "top1_fp32", "top1", "drop", "agreement"]
 SPEED_COLUMNS = ["size_ratio", "speedup_b1", "speedup_b8", "wall"]
 COLUMNS = {
-    "int8": [*BASE_COLUMNS, "agreement_confident", "sqnr", *SPEED_COLUMNS, "rss", "note"],
+    "int8": [
+        *BASE_COLUMNS,
+        "agreement_confident",
+        "sqnr",
+        *SPEED_COLUMNS[:3],
+        "speedup_spinning",
+        "wall",
+        "rss",
+        "note",
+    ],
     "prune": [*BASE_COLUMNS, "sqnr", "macs_removed", "params_fraction", *SPEED_COLUMNS, "note"],
     "lowrank": [*BASE_COLUMNS, "sqnr", "params_fraction", "macs_removed", *SPEED_COLUMNS, "note"],
     "scale": ["model", "recipe", "calib", "wall", "rss", "base_rss", "agreement", "sqnr", "size_ratio", "note"],
@@ -76,7 +85,9 @@ LEGEND = (
     "predictions (224×224 ones) it is 100 − agreement. agree: top-1 agreement with fp32; agree (margin≥0.1): on "
     "samples whose fp32 top-1/top-2 probability margin is ≥ 0.1. SQNR: logits vs fp32. × smaller: size on disk, "
     "fp32 / compressed. speed-up: fp32 / compressed median latency, onnxruntime CPU, 2 intra-op threads, both "
-    "sessions alive with spinning off, A/B interleaved. wall s / peak RSS MB: the recipe alone, in a child process "
+    "sessions alive with spinning off, A/B interleaved. speed-up b1, spinning on: onnxruntime's default session "
+    "options (worker threads spin between ops, as deployed out of the box), one session at a time in alternating "
+    "blocks of 10 runs, each block's first 2 runs dropped. wall s / peak RSS MB: the recipe alone, in a child process "
     "(peak RSS = VmHWM, includes the interpreter and imported libraries)."
 )
 
@@ -145,11 +156,12 @@ SUMMARY: dict[str, tuple[str, str, Callable[[list[Row]], float | None]]] = {
     "params": ("median params kept", "%", lambda ok: _median([r.params_fraction for r in ok])),
     "b1": ("median speed-up b1", "x", lambda ok: _median([r.speedup(1) for r in ok])),
     "b8": ("median speed-up b8", "x", lambda ok: _median([r.speedup(8) for r in ok])),
+    "spinning": ("median speed-up b1, spinning on", "x", lambda ok: _median([r.speedup_spinning for r in ok])),
     "wall": ("median wall s", "s", lambda ok: _median([r.wall_s for r in ok])),
     "rss": ("max peak RSS MB", "mb", lambda ok: max((r.peak_rss_mb for r in ok if r.peak_rss_mb), default=None)),
 }
 SUMMARY_KEYS = {
-    "int8": ["median_loss", "size", "b1", "b8", "wall", "rss"],
+    "int8": ["median_loss", "size", "b1", "b8", "spinning", "wall", "rss"],
     "prune": ["median_loss", "macs", "params", "b1", "b8"],
     "lowrank": ["median_loss", "params", "macs", "size", "b1"],
     "scale": ["wall", "rss", "size"],

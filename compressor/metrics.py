@@ -232,8 +232,35 @@ def interleaved_latency(
             start = time.perf_counter()
             session.run(None, feed)
             bucket.append((time.perf_counter() - start) * 1e3)
-    results = []
-    for bucket in samples:
-        deciles = statistics.quantiles(bucket, n=10) if len(bucket) > 1 else [bucket[0]] * 9
-        results.append(Latency(statistics.median(bucket), deciles[0], deciles[-1], len(bucket)))
-    return results
+    return [_summary(bucket) for bucket in samples]
+
+
+def _summary(bucket: list[float]) -> Latency:
+    deciles = statistics.quantiles(bucket, n=10) if len(bucket) > 1 else [bucket[0]] * 9
+    return Latency(statistics.median(bucket), deciles[0], deciles[-1], len(bucket))
+
+
+def blocked_latency(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Mapping[str, np.ndarray],
+    runs: int = 20,
+    block: int = 10,
+    settle: int = 2,
+) -> list[Latency]:
+    """Time sessions in alternating blocks of ``block`` runs, dropping each block's first ``settle`` runs.
+
+    For sessions with spinning on (onnxruntime's default): timed run by run,
+    one session's idle worker threads would spin on the cores the other needs.
+    They stop spinning shortly after their session goes idle, so a block's
+    first runs absorb that and are not counted.
+    """
+    prepared = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
+    samples: list[list[float]] = [[] for _ in sessions]
+    while len(samples[0]) < runs:
+        for session, feed, bucket in zip(sessions, prepared, samples, strict=True):
+            for index in range(settle + block):
+                start = time.perf_counter()
+                session.run(None, feed)
+                if index >= settle:
+                    bucket.append((time.perf_counter() - start) * 1e3)
+    return [_summary(bucket) for bucket in samples]

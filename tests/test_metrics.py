@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import conv_bn_model
+from onnx import TensorProto, helper, numpy_helper
 
-from compressor.metrics import compare_outputs, compute_cost, sqnr_db, top1_accuracy, top1_agreement
+from compressor import runtime
+from compressor.metrics import blocked_latency, compare_outputs, compute_cost, sqnr_db, top1_accuracy, top1_agreement
 from compressor.pipeline import Tolerance
 from compressor.report import Report, Row
 
@@ -58,3 +60,27 @@ def test_report_table_and_json(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["summary"]["size"]["ratio"] == 4.0
     assert data["summary"]["SQNR vs fp32"]["fp32"] == "inf"
+
+
+def test_blocked_latency_counts_only_settled_runs_and_orders_models() -> None:
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), "w")
+    big = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "big",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [weight],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    sessions = [runtime.make_session(m, options=runtime.session_options(1)) for m in (conv_bn_model(), big)]
+    feeds = {
+        "input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32),
+        "x": rng.standard_normal((256, 1024)).astype(np.float32),
+    }
+    small, large = blocked_latency(sessions, feeds, runs=6, block=3, settle=1)
+    assert small.runs == large.runs == 6
+    assert 0 < small.median_ms < large.median_ms  # 0.5 GFLOP against a few kFLOP
