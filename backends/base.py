@@ -31,6 +31,7 @@ class Backend(abc.ABC):
         self.threads = threads
         self.qdq = qdq
         self.rejected: dict[str, str] = {}  # node -> why the lowering left it in QDQ/float form
+        self.rewrites: dict[str, list[str]] = {}  # speed-only rewrite -> nodes, from the last lowering
         self.check_available()
 
     @property

@@ -10,10 +10,10 @@ everywhere. Profiled inside ResNet-50 at 224 on an AMX Xeon, batch 1:
 
 A symmetric weight ``q`` (|q| <= 127) stored as ``q - 1`` with zero point -1
 is the same weight, so the choice changes speed and nothing else. Each dense
-conv takes the GEMM path only if it is at least `MIN_GAIN` faster there,
-measured in the model itself (both variants profiled, runs interleaved,
-per-node medians). Choices are cached by node, so the variants the latency
-guard builds reuse them.
+conv takes the GEMM path only if it is at least `MIN_GAIN` and `MIN_SAVING_US`
+faster there, measured in the model itself (both variants profiled, runs
+interleaved, per-node medians). Choices are cached by node, so the variants
+the latency guard builds reuse them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from compressor import runtime
 
 OFFSET_ZERO_NAME = "weight_zero_offset"
 MIN_GAIN = 0.05
+MIN_SAVING_US = 10.0  # below this per run, profiling noise decides: tiny convs keep the default path
 PROFILE_RUNS = 12
 WARMUP_RUNS = 2
 Key = tuple[str, tuple[int, ...], str]
@@ -61,7 +62,12 @@ class ConvKernelChooser:
         times = _profile_pair(model, offset_weights(model, list(convs)), feeds, self.threads)
         for node, weight in convs.items():
             symmetric, gemm = times[0].get(node), times[1].get(node)
-            faster = symmetric is not None and gemm is not None and gemm < (1 - MIN_GAIN) * symmetric
+            faster = (
+                symmetric is not None
+                and gemm is not None
+                and gemm < (1 - MIN_GAIN) * symmetric
+                and symmetric - gemm >= MIN_SAVING_US
+            )
             self.choices[_key(node, weight)] = faster
 
 

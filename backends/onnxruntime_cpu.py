@@ -22,7 +22,7 @@ import onnx_ir as ir
 from compressor import ir as cir
 from compressor import runtime
 from compressor.backends.base import Backend, to_proto
-from compressor.backends.conv_kernels import ConvKernelChooser
+from compressor.backends.conv_kernels import OFFSET_ZERO_NAME, ConvKernelChooser
 from compressor.backends.qlinear import lower_to_qlinear
 from compressor.backends.space_to_depth import space_to_depth_stems
 from compressor.errors import DataError
@@ -54,10 +54,11 @@ class OnnxruntimeCPU(Backend):
         return not self.qdq  # the fused integer graph is the one whose speed varies by model
 
     def lower(self, model: ir.Model) -> onnx.ModelProto:
+        self.rewrites = {}
         if self.qdq or not any(node.op_type == "QuantizeLinear" for node in model.graph):
             return to_proto(model)
         working = ir.serde.deserialize_model(cir.to_proto(model))
-        space_to_depth_stems(working.graph)
+        stems = space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
         lowered = to_proto(working)
         lowered.graph.ClearField("value_info")  # onnxruntime infers shapes itself; this is deployment size
@@ -65,8 +66,10 @@ class OnnxruntimeCPU(Backend):
             try:
                 feeds = runtime.random_feeds(runtime.input_specs(working), batch=1, seed=0)
             except DataError:  # symbolic sizes beyond the batch: nothing to profile with
-                return lowered
-            lowered = self.conv_kernels(lowered, feeds)
+                feeds = None
+            lowered = self.conv_kernels(lowered, feeds) if feeds is not None else lowered
+        gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
+        self.rewrites = {"space_to_depth_stem": stems, "conv_on_gemm_path": gemm}
         return lowered
 
 

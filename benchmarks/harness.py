@@ -39,6 +39,8 @@ THREADS = 2
 EVAL_BATCH = 64
 CONFIDENT_MARGIN = 0.1
 CHILD_TIMEOUT_S = 3600
+LATENCY_BUDGET_MS = 1000.0  # tiny models get more runs than ``runs``, up to MAX_RUNS, for a stable median
+MAX_RUNS = 500
 MEMORY_SHARE = 0.75  # a child above this share of the memory available at its start is killed
 
 if TYPE_CHECKING:
@@ -279,15 +281,22 @@ def _measure_output(row: Row, model: ZooModel, path: Path, runs: int, eval_limit
         sliced = {k: v[:batch] for k, v in feeds.items()}
         if next(iter(sliced.values())).shape[0] < batch:
             continue
-        ref, new = interleaved_latency([fp32, test], sliced, runs=runs)
+        ref, new = interleaved_latency([fp32, test], sliced, runs=_runs_for([fp32, test], sliced, runs))
         row.latency_fp32_ms[batch], row.latency_ms[batch] = ref.median_ms, new.median_ms
     del fp32, test  # their threads must not share the cores with the spinning sessions below
     spinning = runtime.session_options(threads=THREADS, spinning=True)
     sessions = [
         ort.InferenceSession(str(p), spinning, providers=["CPUExecutionProvider"]) for p in (model.onnx_path, path)
     ]
-    ref, new = blocked_latency(sessions, {k: v[:1] for k, v in feeds.items()}, runs=runs)
+    single = {k: v[:1] for k, v in feeds.items()}
+    ref, new = blocked_latency(sessions, single, runs=_runs_for(sessions, single, runs))
     row.latency_fp32_spinning_ms, row.latency_spinning_ms = ref.median_ms, new.median_ms
+
+
+def _runs_for(sessions: list[ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int) -> int:
+    """At least ``runs``; more for fast models, so the timing lasts about `LATENCY_BUDGET_MS`."""
+    estimate = sum(latency.median_ms for latency in interleaved_latency(sessions, feeds, runs=5, warmup=1))
+    return int(np.clip(LATENCY_BUDGET_MS / estimate, runs, max(runs, MAX_RUNS)))
 
 
 def _fidelity(

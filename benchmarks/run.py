@@ -84,7 +84,8 @@ LEGEND = (
     "loss (pt): fp32 top-1 minus compressed top-1 on the eval set, in points; for models whose labels are the fp32 "
     "predictions (224×224 ones) it is 100 − agreement. agree: top-1 agreement with fp32; agree (margin≥0.1): on "
     "samples whose fp32 top-1/top-2 probability margin is ≥ 0.1. SQNR: logits vs fp32. × smaller: size on disk, "
-    "fp32 / compressed. speed-up: fp32 / compressed median latency, onnxruntime CPU, 2 intra-op threads, both "
+    "fp32 / compressed. speed-up: fp32 / compressed median latency (at least 20 runs; fast models get about 1 s of "
+    "runs, at most 500), onnxruntime CPU, 2 intra-op threads, both "
     "sessions alive with spinning off, A/B interleaved. speed-up b1, spinning on: onnxruntime's default session "
     "options (worker threads spin between ops, as deployed out of the box), one session at a time in alternating "
     "blocks of 10 runs, each block's first 2 runs dropped. wall s / peak RSS MB: the recipe alone, in a child process "
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", help="zoo names (default: the cached default set)")
     parser.add_argument("--only", choices=["int8", "prune", "lowrank", "scale"])
     parser.add_argument("--finetune", action="store_true", help="add a pruning row with 1 epoch of fine-tuning")
-    parser.add_argument("--runs", type=int, default=None, help="latency runs per model (default 20, --fast 10)")
+    parser.add_argument("--runs", type=int, default=None, help="least latency runs per model (default 20, --fast 10)")
     args = parser.parse_args(argv)
     runs = args.runs or (10 if args.fast else 20)
     eval_limit = 500 if args.fast else None

@@ -132,6 +132,7 @@ def compress(
     sensitivity: list[LayerSensitivity] = []
     if target == "int8":
         report.kept_float = {**chosen_backend.rejected, **quantize.skipped}
+        report.lowering = {rewrite: nodes for rewrite, nodes in chosen_backend.rewrites.items() if nodes}
         if equalize is not None:
             record = next(r for r in report.passes if r["name"] == equalize.name)
             record["equalized"], record["rejections"] = equalize.equalized, equalize.rejections

@@ -178,6 +178,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"left in float ({len(result.report.kept_float)}):")
         for node, why in result.report.kept_float.items():
             print(f"  {node}: {why}")
+    for rewrite, nodes in result.report.lowering.items():
+        print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {', '.join(nodes)}")
     print(f"wrote {output}")
     if args.report:
         result.report.write_json(args.report)

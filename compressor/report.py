@@ -70,6 +70,7 @@ class Report:
     evaluation: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was not quantized
+    lowering: dict[str, list[str]] = field(default_factory=dict)  # backend rewrite -> nodes it applied to
 
     def table(self) -> str:
         """The summary as a Markdown table."""
@@ -92,6 +93,7 @@ class Report:
             "summary": summary,
             "passes": self.passes,
             "kept_float": self.kept_float,
+            "lowering": self.lowering,
         }
         return _finite(data)
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import DEMO_ONNX, random_input
 from onnx import TensorProto, helper, numpy_helper
 
+from compressor import compress, runtime
 from compressor import ir as cir
-from compressor import runtime
 from compressor.backends import conv_kernels, get_backend
 from compressor.backends.conv_kernels import ConvKernelChooser, offset_weights
 from compressor.backends.qlinear import lower_to_qlinear
@@ -29,6 +29,7 @@ from compressor.pipeline import PassContext, Pipeline
 
 def stem_model(channels: int, kernel: int, stride: int, pads: list[int], height: int, width: int) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
+    out = [(size + pads[i] + pads[i + 2] - kernel) // stride + 1 for i, size in enumerate((height, width))]
     inits = [
         numpy_helper.from_array(rng.uniform(-1, 1, (8, channels, kernel, kernel)).astype(np.float32), "w1"),
         numpy_helper.from_array(rng.uniform(-1, 1, 8).astype(np.float32), "b1"),
@@ -43,7 +44,7 @@ def stem_model(channels: int, kernel: int, stride: int, pads: list[int], height:
         nodes,
         "stem",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, height, width])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 8, *out])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -158,3 +159,16 @@ def test_profile_names_every_conv(demo_fused: onnx.ModelProto) -> None:
     for per_node in times:
         assert set(convs) <= set(per_node)
         assert all(per_node[name] > 0 for name in convs)
+
+
+def test_report_lists_the_lowering_rewrites(tmp_path: Path) -> None:
+    source = tmp_path / "stem.onnx"
+    onnx.save(stem_model(3, 7, 2, [3, 3, 3, 3], 32, 32), source)
+    np.savez(tmp_path / "calib.npz", x=random_input((16, 3, 32, 32), seed=1))
+    calib = tmp_path / "calib.npz"
+    result = compress(source, target="int8", calib=calib, measure_latency=False, latency_guard=False)
+    assert result.report.lowering["space_to_depth_stem"] == ["stem"]
+    gemm = result.report.lowering.get("conv_on_gemm_path", [])
+    zeros = {n.name: n.input[5] for n in result.lowered.graph.node if n.op_type == "QLinearConv"}
+    assert all(zeros[name] == conv_kernels.OFFSET_ZERO_NAME for name in gemm)
+    assert result.report.as_dict()["lowering"] == result.report.lowering
