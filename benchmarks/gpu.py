@@ -4,10 +4,13 @@
 
 For each model, ``compress(..., target="int8", backend="cuda")`` builds the QDQ
 form that the CUDA provider runs, once with the latency guard (float wherever
-int8 measured slower) and once keeping all int8. Each is then timed against fp32 on the GPU with
-inputs and outputs bound on the device (I/O binding: no host copies are timed),
-interleaved, at batch 1 and 8. Fidelity is the int8 logits against fp32 on the
-calibration samples: SQNR and top-1 agreement.
+int8 measured slower) and once keeping all int8. Each is timed against fp32 on
+the GPU with inputs and outputs bound on the device (I/O binding: no host copies
+are timed), interleaved, at batch 1 and 8. Fidelity is the int8 logits against
+fp32 on the calibration samples: SQNR and top-1 agreement.
+
+On a machine without the zoo cache, pass the files directly; the 224-pixel
+models and a few calibration crops fit in a GPU machine's upload.
 """
 
 from __future__ import annotations
