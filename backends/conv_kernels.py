@@ -58,7 +58,9 @@ class ConvKernelChooser:
         chosen = [node for node in candidates if self.choices.get(_key(node, candidates[node]), False)]
         return offset_weights(model, chosen) if chosen else model
 
-    def _profile(self, model: onnx.ModelProto, convs: Mapping[str, onnx.TensorProto], feeds) -> None:
+    def _profile(
+        self, model: onnx.ModelProto, convs: Mapping[str, onnx.TensorProto], feeds: Mapping[str, np.ndarray]
+    ) -> None:
         times = _profile_pair(model, offset_weights(model, list(convs)), feeds, self.threads)
         for node, weight in convs.items():
             symmetric, gemm = times[0].get(node), times[1].get(node)
