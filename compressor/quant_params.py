@@ -124,6 +124,9 @@ def weight_channel_axis(node: ir.Node, ndim: int) -> int:
 INT32_LIMIT = 2**31 - 1
 
 
+WeightMemo = dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]
+
+
 def quantize_node_weights(
     graph: ir.Graph,
     node: ir.Node,
@@ -131,16 +134,28 @@ def quantize_node_weights(
     config: QuantizeInt8Config,
     mean: np.ndarray | None,
     names: UniqueNames | None = None,
+    memo: WeightMemo | None = None,
 ) -> float | None:
     """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
 
+    ``memo`` keeps the quantized weight and its bias shift by weight name and
+    settings, for callers that quantize variants of one float model.
     Returns the largest |bias correction|, or None when none was applied.
     """
     names = names or UniqueNames(graph)
     weight = node.inputs[1]
-    array = weight.const_value.numpy().astype(np.float32)
-    axis = weight_channel_axis(node, array.ndim)
-    q, scale, zero = quantize_weight(array, axis, config)
+    axis = weight_channel_axis(node, len(weight.const_value.shape))
+    key = (weight.name, node.op_type, axis, config.weights, config.weight_bits, config.per_channel,
+           config.power_of_two, None if mean is None else id(mean))  # fmt: skip
+    if memo is not None and key in memo:
+        q, scale, zero, shift = memo[key]
+    else:
+        q, scale, zero, shift = _quantized_weight(node, axis, config, mean)
+        if memo is not None:
+            for array in (q, scale, zero, shift):
+                if array is not None:
+                    array.setflags(write=False)  # shared by every model built from the memo
+            memo[key] = q, scale, zero, shift
     base = node.name or weight.name
     q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
     scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
@@ -154,14 +169,8 @@ def quantize_node_weights(
     if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
         return None  # a non-constant or broadcast bias stays float
     bias_array = None if bias_array is None else bias_array.numpy().astype(np.float64)
-    shift = None
-    if mean is not None and node.op_type in ("Conv", "Gemm"):
-        shape = [1] * array.ndim
-        shape[axis] = -1
-        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
-        shift = output_shift(node, dequantized - array, mean)
-        if shift is not None:
-            bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
+    if shift is not None:
+        bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
     if bias_array is None:
         return None
     bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
@@ -177,3 +186,18 @@ def quantize_node_weights(
         node.resize_inputs(3)
     node.replace_input_with(2, bias_dq.outputs[0])
     return None if shift is None else float(np.max(np.abs(shift)))
+
+
+def _quantized_weight(
+    node: ir.Node, axis: int, config: QuantizeInt8Config, mean: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``node``'s int8 weight, scale and zero point, and the output shift its rounding causes given ``mean``."""
+    array = node.inputs[1].const_value.numpy().astype(np.float32)
+    q, scale, zero = quantize_weight(array, axis, config)
+    shift = None
+    if mean is not None and node.op_type in ("Conv", "Gemm"):
+        shape = [1] * array.ndim
+        shape[axis] = -1
+        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        shift = output_shift(node, dequantized - array, mean)
+    return q, scale, zero, shift

@@ -38,7 +38,7 @@ from compressor.data import Samples
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
-from compressor.quant_params import QuantParams, activation_params, quantize_node_weights
+from compressor.quant_params import QuantParams, WeightMemo, activation_params, quantize_node_weights
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
@@ -109,13 +109,17 @@ class CalibrationStats:
     ``ranges``: tensor name -> clipping range from the configured observer;
     ``means``: compute node input name -> per-channel mean (for bias correction);
     ``outputs``: the float model's outputs on the first calibration samples, so
-    later checks against fp32 need not run it again (empty if too large to keep).
+    later checks against fp32 need not run it again (empty if too large to keep);
+    ``weights``: quantized weights already computed for this model, by
+    `quantize_node_weights`, so the ranking twins, the pass and its variants
+    quantize each weight once.
     """
 
     ranges: Mapping[str, tuple[float, float]]
     means: Mapping[str, np.ndarray]
     samples: int
     outputs: tuple[np.ndarray, ...] = ()
+    weights: WeightMemo = field(default_factory=dict, compare=False, repr=False)
 
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
@@ -266,7 +270,7 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
     corrected: dict[str, float] = {}
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
         mean = mean if config.bias_correction else None
-        shift = quantize_node_weights(graph, node, input_params, config, mean, names)
+        shift = quantize_node_weights(graph, node, input_params, config, mean, names, stats.weights)
         if shift is not None:
             corrected[node.name or node.op_type] = shift
     RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced

@@ -303,3 +303,14 @@ class TestBadInput:
         proto = cir.to_proto(model)
         onnx.checker.check_model(proto)
         assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 13
+
+
+def test_variants_reuse_the_quantized_weights(small_calib: Path) -> None:
+    model = imported(conv_bn_model())
+    quantizer = quantize(model, small_calib, BASE)
+    memo = quantizer.calibrated.weights
+    assert len(memo) == 3  # two Convs and the Gemm
+    assert all(not q.flags.writeable for q, *_ in memo.values())
+    again = quantizer.variant(frozenset())
+    assert len(memo) == 3, "a variant quantized a weight again"
+    assert cir.to_proto(again).SerializeToString() == cir.to_proto(model).SerializeToString()
