@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -62,15 +63,20 @@ class OnnxruntimeCPU(Backend):
         self.rejected = lower_to_qlinear(working)
         lowered = to_proto(working)
         lowered.graph.ClearField("value_info")  # onnxruntime infers shapes itself; this is deployment size
-        if self.conv_kernels is not None:
-            try:
-                feeds = runtime.random_feeds(runtime.input_specs(working), batch=1, seed=0)
-            except DataError:  # symbolic sizes beyond the batch: nothing to profile with
-                feeds = None
-            lowered = self.conv_kernels(lowered, feeds) if feeds is not None else lowered
+        feeds = _profile_feeds(working) if self.conv_kernels is not None else None
+        if feeds is not None:
+            lowered = self.conv_kernels(lowered, feeds)
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
         self.rewrites = {"space_to_depth_stem": stems, "conv_on_gemm_path": gemm}
         return lowered
+
+
+def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:
+    """Random batch-1 inputs, or None when a dimension beyond the batch is symbolic."""
+    try:
+        return runtime.random_feeds(runtime.input_specs(model), batch=1, seed=0)
+    except DataError:
+        return None
 
 
 def cpu_has_vnni() -> bool:

@@ -2,8 +2,8 @@
 
 Quantized models stay in QDQ form. TensorRT fuses it into int8 kernels; the CUDA
 provider alone has no int8 convolutions and runs each DequantizeLinear, then the
-float op: measured on an H100, ResNet-18 at 224 ran at 0.57x and EfficientNet-Lite0
-at 0.53x of fp32 speed. So `compress` times int8 islands here as on the CPU and
+float op: measured on an H100, ResNet-18 at 224 ran at 0.56x and EfficientNet-Lite0
+at 0.50x of fp32 speed (benchmarks/results/gpu.md). So `compress` times int8 islands here as on the CPU and
 keeps float wherever int8 is slower (``--keep-slow-int8`` keeps the QDQ model,
 4x smaller, for TensorRT).
 
