@@ -264,13 +264,18 @@ RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
 }
 
 
+def _reads_dequantized(node: ir.Node) -> bool:
+    return any(value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+               for value in node.inputs)  # fmt: skip
+
+
 def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
     """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form."""
     rejected: dict[str, str] = {}
     for node in list(model.graph):
         rule = RULES.get(node.op_type)
-        if rule is None or node.domain not in ("", "ai.onnx"):
-            continue
+        if rule is None or node.domain not in ("", "ai.onnx") or not _reads_dequantized(node):
+            continue  # not in QDQ form: float by the quantizer's choice, or already integer
         try:
             rule(model.graph, node)
         except Rejection as why:

@@ -172,3 +172,11 @@ def test_report_lists_the_lowering_rewrites(tmp_path: Path) -> None:
     zeros = {n.name: n.input[5] for n in result.lowered.graph.node if n.op_type == "QLinearConv"}
     assert all(zeros[name] == conv_kernels.OFFSET_ZERO_NAME for name in gemm)
     assert result.report.as_dict()["lowering"] == result.report.lowering
+
+
+def test_folded_stem_is_not_reported_as_left_in_float(tmp_path: Path) -> None:
+    model = quantized(stem_model(3, 7, 2, [3, 3, 3, 3], 32, 32), tmp_path)
+    backend = get_backend("cpu")
+    backend.lower(model)
+    assert backend.rewrites["space_to_depth_stem"] == ["stem"]
+    assert not [node for node in backend.rejected if "s2d" in node], backend.rejected
