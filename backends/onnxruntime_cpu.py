@@ -23,6 +23,7 @@ import onnx_ir as ir
 from compressor import ir as cir
 from compressor import runtime
 from compressor.backends.base import Backend, to_proto
+from compressor.backends.compact import compact
 from compressor.backends.conv_kernels import OFFSET_ZERO_NAME, ConvKernelChooser
 from compressor.backends.qlinear import lower_to_qlinear
 from compressor.backends.space_to_depth import space_to_depth_stems
@@ -62,13 +63,12 @@ class OnnxruntimeCPU(Backend):
         stems = space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
         lowered = to_proto(working)
-        lowered.graph.ClearField("value_info")  # onnxruntime infers shapes itself; this is deployment size
         feeds = _profile_feeds(working) if self.conv_kernels is not None else None
         if feeds is not None:
             lowered = self.conv_kernels(lowered, feeds)
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
         self.rewrites = {"space_to_depth_stem": stems, "conv_on_gemm_path": gemm}
-        return lowered
+        return compact(lowered)
 
 
 def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:

@@ -169,6 +169,8 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, fo
     if path.exists() and not force:
         raise ModelError(f"output file already exists: {path}; pass --force to overwrite it")
     if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD_BYTES:
+            return [atomic_write_bytes(path, model.SerializeToString())]  # as given: the IR would add value_info back
         model = ir.serde.deserialize_model(model)
     external = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
     data_name = path.name + ".data"
