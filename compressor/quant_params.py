@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,8 +68,13 @@ def quantize_weight(
     """int8 weight, its float32 scale(s) and int8 zero point(s), per channel on ``axis`` or per tensor.
 
     ``config.weight_bits`` = 7 keeps values in [-63, 63] (symmetric) so onnxruntime's
-    u8s8 kernels cannot saturate their 16-bit intermediate sums.
+    u8s8 kernels cannot saturate their 16-bit intermediate sums. Per channel falls
+    back to one scale where that reaches ``config.per_tensor_min_sqnr_db``.
     """
+    if config.per_channel and config.per_tensor_min_sqnr_db is not None and weight.shape[axis] > 1:
+        single = quantize_weight(weight, axis, replace(config, per_channel=False))
+        if weight_sqnr_db(weight, *single) >= config.per_tensor_min_sqnr_db:
+            return single
     bits = config.weight_bits
     if config.weights == "symmetric":
         qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
@@ -95,6 +100,13 @@ def quantize_weight(
     q = np.clip(np.round(weight / scale) + zero, qmin, qmax).astype(np.int8)
     flat = scale.reshape(-1) if config.per_channel else scale.reshape(())
     return q, flat.astype(np.float32), zero.reshape(flat.shape).astype(np.int8)
+
+
+def weight_sqnr_db(weight: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> float:
+    """SQNR in dB of a per-tensor quantized ``weight`` (scalar ``scale`` and ``zero``)."""
+    error = (q.astype(np.float64) - zero.astype(np.float64)) * scale.astype(np.float64) - weight
+    noise = float(np.sum(error**2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(weight.astype(np.float64) ** 2)) / noise)
 
 
 def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
@@ -146,7 +158,7 @@ def quantize_node_weights(
     weight = node.inputs[1]
     axis = weight_channel_axis(node, len(weight.const_value.shape))
     key = (weight.name, node.op_type, axis, config.weights, config.weight_bits, config.per_channel,
-           config.power_of_two, None if mean is None else id(mean))  # fmt: skip
+           config.per_tensor_min_sqnr_db, config.power_of_two, None if mean is None else id(mean))  # fmt: skip
     if memo is not None and key in memo:
         q, scale, zero, shift = memo[key]
     else:

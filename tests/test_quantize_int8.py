@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from compressor import calibration, runtime
 from compressor import ir as cir
 from compressor.backends import get_backend
+from compressor.backends.compact import short_name
 from compressor.data import Dataset
 from compressor.errors import ModelError, UsageError
 from compressor.metrics import compute_cost, sqnr_db, top1_agreement
@@ -159,6 +160,21 @@ class TestConfig:
         quantize(model, small_calib, replace(BASE, per_channel=False))
         assert all(s.ndim == 0 for s in initializer(model, "_weight_scale"))
 
+    def test_per_tensor_where_weights_allow(self, small_calib: Path, demo_x: np.ndarray) -> None:
+        scales = {}
+        for threshold in (None, 0.0, float("inf")):
+            model = imported(conv_bn_model())
+            quantize(model, small_calib, replace(BASE, per_tensor_min_sqnr_db=threshold))
+            scales[threshold] = [s.ndim for s in initializer(model, "_weight_scale")]
+        assert scales[None] == scales[float("inf")] == [1, 1, 1]  # per channel unless one scale is good enough
+        assert scales[0.0] == [0, 0, 0]
+        model = imported(DEMO_ONNX)
+        reference = logits(model, demo_x)
+        quantize(model, DEMO_NPZ, replace(BASE, weight_bits=8, per_tensor_min_sqnr_db=40.0))
+        chosen = [s.ndim for s in initializer(model, "_weight_scale")]
+        assert 0 in chosen and 1 in chosen, "the demo has layers on both sides of 40 dB"
+        assert sqnr_db(reference, logits(model, demo_x)) >= 28
+
     def test_asymmetric_weights_and_power_of_two(self, small_calib: Path) -> None:
         model = imported(conv_bn_model())
         quantize(model, small_calib, replace(BASE, weights="asymmetric", power_of_two=True))
@@ -221,10 +237,11 @@ def test_fused_lowering_is_within_one_step_of_qdq(demo_x: np.ndarray) -> None:
     assert not ops & {"Conv", "Relu", "DequantizeLinear", "Gemm"}
     quantized_names = [n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
     in_fused = {o for n in fused.graph.node for o in n.output}
-    shared = [name for name in quantized_names if name in in_fused]
+    shared = [name for name in quantized_names if short_name(name) in in_fused]  # the lowering shortens names
     assert len(shared) >= 6
     a = runtime.run(runtime.make_session(quantized_tensor_outputs(qdq, shared)), {"input": demo_x})
-    b = runtime.run(runtime.make_session(quantized_tensor_outputs(fused, shared)), {"input": demo_x})
+    fused_names = [short_name(name) for name in shared]
+    b = runtime.run(runtime.make_session(quantized_tensor_outputs(fused, fused_names)), {"input": demo_x})
     for name, x, y in zip(shared, a, b, strict=True):
         steps = np.abs(x.astype(np.int32) - y.astype(np.int32)).max()
         assert steps <= 1, f"{name} differs by {steps} quantization steps"
