@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from compressor import ir as cir
 from compressor import metrics, runtime
+from compressor.backends.compact import compact
 
 QUICK_RUNS = 5  # a first timing that sizes the real one
 
@@ -85,5 +86,5 @@ class Backend(abc.ABC):
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Plain serialisation, the lowering of an fp32 model."""
-    return cir.to_proto(model)
+    """Serialisation in deployment form (see `compact`): the lowering of fp32 and QDQ models."""
+    return compact(cir.to_proto(model))

@@ -1,7 +1,7 @@
 """onnxruntime on the CPU (MLAS kernels).
 
-fp32 models are handed over as they are; onnxruntime's own graph optimisations
-do the rest. Quantized (QDQ) models are lowered to fused integer operators
+fp32 models are handed over with only the deployment trim (`compact`);
+onnxruntime's own graph optimisations do the rest. Quantized (QDQ) models are lowered to fused integer operators
 (QLinearConv with the activation folded into its output range, QLinearAdd,
 QLinearGlobalAveragePool, QLinearConcat, QGemm, integer MaxPool/Reshape), the
 form that runs fastest here: stride-2 stems on few channels are folded by
@@ -62,7 +62,7 @@ class OnnxruntimeCPU(Backend):
         working = ir.serde.deserialize_model(cir.to_proto(model))
         stems = space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
-        lowered = to_proto(working)
+        lowered = cir.to_proto(working)
         feeds = _profile_feeds(working) if self.conv_kernels is not None else None
         if feeds is not None:
             lowered = self.conv_kernels(lowered, feeds)
