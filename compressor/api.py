@@ -118,11 +118,12 @@ def compress(
         quantize = QuantizeInt8(config, choose_float=mixed)
         passes.append(quantize)
     records = Pipeline(passes).run(working, context, instruments)
-    guard = None
+    guard, lowered = None, None
     if target == "int8" and latency_guard and chosen_backend.times_int8_islands and context.calibration is not None:
         guard = LatencyGuard(chosen_backend, context.calibration.first_batch(1))
-        working = _keep_faster_islands(guard, quantize, chosen_backend, working)
-    lowered = chosen_backend.lower(working)
+        working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working)
+    if lowered is None:
+        lowered = chosen_backend.lower(working)
     report = Report(
         model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
         target=target,
@@ -145,26 +146,33 @@ def compress(
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
     if original is None:
-        original = cir.to_proto(_load(model))
+        original = cir.to_proto(cir.load_model(model, check=False))  # checked on entry
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
 
-def _keep_faster_islands(guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model) -> ir.Model:
-    """``model`` with the int8 islands that run faster in float on ``backend`` put back in float."""
+def _keep_faster_islands(
+    guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model
+) -> tuple[ir.Model, onnx.ModelProto | None]:
+    """``model`` with the int8 islands that run faster in float on ``backend`` put back in float.
+
+    Also returns the model's lowering when the backend's last lowering was of it (no island tried), else None.
+    """
     islands = int8_islands(model)
     if not islands:
-        return model
+        return model, None
 
     def build(also_float: frozenset[str]) -> onnx.ModelProto:
         return backend.lower(quantize.variant(also_float))
 
-    slower = guard(backend.lower(quantize.float_model()), backend.lower(model), build, islands)
+    reference = backend.lower(quantize.float_model())
+    lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
+    slower = guard(reference, lowered, build, islands)
     if not slower:
-        return model
+        return model, lowered if len(guard.history) == 1 else None
     why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"
     quantize.skipped.update(dict.fromkeys(slower, why))
-    return quantize.variant(slower)
+    return quantize.variant(slower), None
 
 
 def int8_config(backend: Backend, overrides: Mapping[str, object] | None = None) -> QuantizeInt8Config:

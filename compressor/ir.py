@@ -27,11 +27,12 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
+def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load and validate an ONNX file into an `onnx_ir.Model`.
 
     Raises `ModelError` with a one-line message when the file is missing,
     empty, not ONNX, invalid, or references external data outside its folder.
+    ``check=False`` skips the ONNX checker, for a file already checked in this run.
     """
     path = Path(path)
     if not path.exists():
@@ -50,14 +51,19 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not proto.graph.node and not proto.graph.output:
         raise ModelError(f"{path} parsed but holds no graph; it is probably not an ONNX model")
     _check_external_data(proto, path.parent)
+    if check:
+        _check(path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _check(path: Path) -> None:
     try:
         # A path, not the proto: external data then resolves against the model's folder, not the cwd.
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"{path} fails the ONNX checker: {_first_line(exc)}; re-export the model") from None
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, path.parent)
-    return model
 
 
 def _check_external_data(proto: onnx.ModelProto, model_dir: Path) -> None:

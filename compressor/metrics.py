@@ -132,7 +132,7 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
                 dim.dim_value = 1
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(proto), data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
         inferred = proto
     shapes = _known_shapes(inferred.graph)
@@ -141,6 +141,32 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
         shapes.update(_shapes_by_running(proto, [i for n in proto.graph.node if n.op_type in MAC_OPS for i in n.input]))
     macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
     return ComputeCost(macs=int(macs), params=int(params))
+
+
+SMALL_INITIALIZER_ELEMENTS = 64
+
+
+def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its weights as typed graph inputs: shape inference needs their shapes, not their bytes.
+
+    Integer and small initializers stay, since shapes may be computed from them
+    (Reshape targets, Slice bounds, Resize scales).
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    graph = skeleton.graph
+    inputs = {i.name for i in graph.input}
+    kept, typed = [], []
+    for tensor in graph.initializer:
+        shape_data = tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        if shape_data or int(np.prod(tensor.dims)) <= SMALL_INITIALIZER_ELEMENTS:
+            kept.append(tensor)
+        elif tensor.name not in inputs:
+            typed.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(typed)
+    return skeleton
 
 
 MAC_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "QLinearMatMul",
