@@ -10,6 +10,7 @@ agreement, logits SQNR, size on disk, MACs, params and A/B-interleaved latency.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -32,7 +33,7 @@ import onnxruntime as ort
 from compressor import ir as cir
 from compressor import runtime
 from compressor.data import Dataset
-from compressor.metrics import blocked_latency, compute_cost, interleaved_latency, sqnr_db
+from compressor.metrics import compute_cost, interleaved_latency, one_at_a_time_latency, sqnr_db
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -283,13 +284,15 @@ def _measure_output(row: Row, model: ZooModel, path: Path, runs: int, eval_limit
             continue
         ref, new = interleaved_latency([fp32, test], sliced, runs=_runs_for([fp32, test], sliced, runs))
         row.latency_fp32_ms[batch], row.latency_ms[batch] = ref.median_ms, new.median_ms
+    single = {k: v[:1] for k, v in feeds.items()}
+    spinning_runs = _runs_for([fp32, test], single, runs)
     del fp32, test  # their threads must not share the cores with the spinning sessions below
     spinning = runtime.session_options(threads=THREADS, spinning=True)
-    sessions = [
-        ort.InferenceSession(str(p), spinning, providers=["CPUExecutionProvider"]) for p in (model.onnx_path, path)
+    factories = [
+        functools.partial(ort.InferenceSession, str(p), spinning, providers=["CPUExecutionProvider"])
+        for p in (model.onnx_path, path)
     ]
-    single = {k: v[:1] for k, v in feeds.items()}
-    ref, new = blocked_latency(sessions, single, runs=_runs_for(sessions, single, runs))
+    ref, new = one_at_a_time_latency(factories, single, runs=spinning_runs)
     row.latency_fp32_spinning_ms, row.latency_spinning_ms = ref.median_ms, new.median_ms
 
 

@@ -87,8 +87,8 @@ LEGEND = (
     "fp32 / compressed. speed-up: fp32 / compressed median latency (at least 20 runs; fast models get about 1 s of "
     "runs, at most 500), onnxruntime CPU, 2 intra-op threads, both "
     "sessions alive with spinning off, A/B interleaved. speed-up b1, spinning on: onnxruntime's default session "
-    "options (worker threads spin between ops, as deployed out of the box), one session at a time in alternating "
-    "blocks of 10 runs, each block's first 2 runs dropped. wall s / peak RSS MB: the recipe alone, in a child process "
+    "options (worker threads spin between ops, as deployed out of the box), each session timed with no other alive: "
+    "built, warmed up with 3 runs, timed, dropped, in 3 alternating rounds. wall s / peak RSS MB: the recipe alone, in a child process "
     "(peak RSS = VmHWM, includes the interpreter and imported libraries)."
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -266,27 +266,31 @@ def _summary(bucket: list[float]) -> Latency:
     return Latency(statistics.median(bucket), deciles[0], deciles[-1], len(bucket))
 
 
-def blocked_latency(
-    sessions: Sequence[ort.InferenceSession],
+def one_at_a_time_latency(
+    factories: Sequence[Callable[[], ort.InferenceSession]],
     feeds: Mapping[str, np.ndarray],
     runs: int = 20,
-    block: int = 10,
-    settle: int = 2,
+    rounds: int = 3,
+    warmup: int = 3,
 ) -> list[Latency]:
-    """Time sessions in alternating blocks of ``block`` runs, dropping each block's first ``settle`` runs.
+    """Time sessions with no other session alive: each round builds each one, warms it up, times it, drops it.
 
-    For sessions with spinning on (onnxruntime's default): timed run by run,
-    one session's idle worker threads would spin on the cores the other needs.
-    They stop spinning shortly after their session goes idle, so a block's
-    first runs absorb that and are not counted.
+    For onnxruntime's default options (spinning on), whose idle worker threads
+    keep spinning after a run: beside a second live session they take the cores
+    it needs (the same model timed against itself read 0.67x to 1.15x that way).
+    The rounds alternate the models, so slow drift of the machine hits both alike.
     """
-    prepared = [{i.name: feeds[i.name] for i in s.get_inputs()} for s in sessions]
-    samples: list[list[float]] = [[] for _ in sessions]
-    while len(samples[0]) < runs:
-        for session, feed, bucket in zip(sessions, prepared, samples, strict=True):
-            for index in range(settle + block):
+    per_round = -(-runs // rounds)
+    samples: list[list[float]] = [[] for _ in factories]
+    for _ in range(rounds):
+        for factory, bucket in zip(factories, samples, strict=True):
+            session = factory()
+            feed = {i.name: feeds[i.name] for i in session.get_inputs()}
+            for _ in range(warmup):
+                session.run(None, feed)
+            for _ in range(per_round):
                 start = time.perf_counter()
                 session.run(None, feed)
-                if index >= settle:
-                    bucket.append((time.perf_counter() - start) * 1e3)
+                bucket.append((time.perf_counter() - start) * 1e3)
+            del session  # its threads go with it, before the next session starts
     return [_summary(bucket) for bucket in samples]

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from conftest import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor import runtime
-from compressor.metrics import blocked_latency, compare_outputs, compute_cost, sqnr_db, top1_accuracy, top1_agreement
+from compressor.metrics import (
+    compare_outputs,
+    compute_cost,
+    one_at_a_time_latency,
+    sqnr_db,
+    top1_accuracy,
+    top1_agreement,
+)
 from compressor.pipeline import Tolerance
 from compressor.report import Report, Row
 
@@ -62,7 +73,7 @@ def test_report_table_and_json(tmp_path: Path) -> None:
     assert data["summary"]["SQNR vs fp32"]["fp32"] == "inf"
 
 
-def test_blocked_latency_counts_only_settled_runs_and_orders_models() -> None:
+def test_one_at_a_time_latency_never_overlaps_sessions_and_orders_models() -> None:
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), "w")
     big = helper.make_model(
@@ -76,11 +87,23 @@ def test_blocked_latency_counts_only_settled_runs_and_orders_models() -> None:
         opset_imports=[helper.make_opsetid("", 17)],
         ir_version=8,
     )
-    sessions = [runtime.make_session(m, options=runtime.session_options(1)) for m in (conv_bn_model(), big)]
+    alive: weakref.WeakSet[ort.InferenceSession] = weakref.WeakSet()
+    most_alive = []
+
+    def factory(model: onnx.ModelProto) -> Callable[[], ort.InferenceSession]:
+        def build() -> ort.InferenceSession:
+            session = runtime.make_session(model, options=runtime.session_options(1, spinning=True))
+            alive.add(session)
+            most_alive.append(len(alive))
+            return session
+
+        return build
+
     feeds = {
         "input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32),
         "x": rng.standard_normal((256, 1024)).astype(np.float32),
     }
-    small, large = blocked_latency(sessions, feeds, runs=6, block=3, settle=1)
+    small, large = one_at_a_time_latency([factory(conv_bn_model()), factory(big)], feeds, runs=6, rounds=3)
     assert small.runs == large.runs == 6
     assert 0 < small.median_ms < large.median_ms  # 0.5 GFLOP against a few kFLOP
+    assert most_alive == [1] * 6, "each round builds each session once, and only one is alive at a time"
