@@ -88,8 +88,8 @@ LEGEND = (
     "runs, at most 500), onnxruntime CPU, 2 intra-op threads, both "
     "sessions alive with spinning off, A/B interleaved. speed-up b1, spinning on: onnxruntime's default session "
     "options (worker threads spin between ops, as deployed out of the box), each session timed with no other alive: "
-    "built, warmed up with 3 runs, timed, dropped, in 3 alternating rounds. wall s / peak RSS MB: the recipe alone, in a child process "
-    "(peak RSS = VmHWM, includes the interpreter and imported libraries)."
+    "built, warmed up with 3 runs, timed, dropped, in 3 alternating rounds. wall s / peak RSS MB: the recipe alone, "
+    "in a child process (peak RSS = VmHWM, includes the interpreter and imported libraries)."
 )
 
 

@@ -272,7 +272,10 @@ def collect(
     float reference later checks compare against), one array per output.
     """
     proto, readers = _instrumented(model, observers)
-    session = runtime.make_session(proto)
+    serialized = proto.SerializeToString()
+    del proto  # as large as the model, and onnxruntime builds its own copy from the bytes
+    session = runtime.make_session(serialized)
+    del serialized
     names = [output.name for output in session.get_outputs()]
     model_outputs = [output.name for output in model.graph.outputs]
     kept: list[list[np.ndarray]] = [[] for _ in model_outputs]

@@ -77,8 +77,10 @@ def layer_sensitivity(
     proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
     stats = stats or calibrate(ir.serde.deserialize_model(proto), dataset, config)
     twins, pairs = _with_quantized_twins(proto, config, stats)
-    session = runtime.make_session(twins)
-    del twins  # onnxruntime holds its own copy
+    serialized = twins.SerializeToString()
+    del twins  # as large as the model, and onnxruntime builds its own copy from the bytes
+    session = runtime.make_session(serialized)
+    del serialized
     names = [output.name for output in session.get_outputs()]
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
