@@ -17,6 +17,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from compressor import ir as cir
+
 MS_DOMAIN = "com.microsoft"
 SAME_PARAMS_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
 
@@ -264,13 +266,44 @@ RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
 }
 
 
+WEIGHTED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
+    """Replace ``node``'s dequantized weight and bias (inputs 1 and 2) with float initializers of the same values."""
+    names = cir.UniqueNames(graph)
+    for index in (1, 2):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        q, scale, zero = (ir.convenience.get_const_tensor(v) if v is not None else None for v in producer.inputs[:3])
+        if q is None or scale is None or zero is None:
+            continue
+        axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else 1
+        shape = [1] * len(q.shape)
+        if scale.numpy().ndim:
+            shape[axis % len(q.shape)] = -1
+        # float32 arithmetic, as DequantizeLinear itself computes it: the same values to the bit
+        steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)
+        real = steps * scale.numpy().astype(np.float32).reshape(shape)
+        role = "weight" if index == 1 else "bias"
+        node.replace_input_with(index, cir.add_initializer(graph, f"{node.name}_{role}_dequantized", real, names))
+
+
 def _reads_dequantized(node: ir.Node) -> bool:
     return any(value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
                for value in node.inputs)  # fmt: skip
 
 
 def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
-    """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form."""
+    """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form.
+
+    A Conv, Gemm or MatMul that stays in QDQ form gets its dequantized weight
+    and bias as float constants (the same values): onnxruntime fuses and
+    re-lays out only constant-weight convs, and ran a 1x1 conv at 112x112 with
+    dequantized weights 3x slower than with constant ones.
+    """
     rejected: dict[str, str] = {}
     for node in list(model.graph):
         rule = RULES.get(node.op_type)
@@ -280,6 +313,8 @@ def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
             rule(model.graph, node)
         except Rejection as why:
             rejected[node.name or node.op_type] = str(why)
+            if node.op_type in WEIGHTED_OPS:
+                _fold_dequantized_constants(model.graph, node)
     if any(node.domain == MS_DOMAIN for node in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     RemoveUnusedNodesPass()(model)

@@ -21,18 +21,19 @@ from compressor.pipeline import PassContext, Pipeline
 
 
 def model_with_float_gain() -> onnx.ModelProto:
-    """Conv -> Relu -> Mul by a float initializer named like our scales -> Conv; Mul stays float."""
+    """Conv -> Relu -> Conv -> Relu -> Mul by a float initializer named like our scales; Mul stays float."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(rng.uniform(-1, 1, (8, 3, 3, 3)).astype(np.float32), "w1"),
-        numpy_helper.from_array(np.full((1, 8, 1, 1), 0.5, np.float32), "gain_scale"),
         numpy_helper.from_array(rng.uniform(-1, 1, (4, 8, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "gain_scale"),
     ]
     nodes = [
         helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
-        helper.make_node("Mul", ["r1", "gain_scale"], ["g1"], name="gain"),
-        helper.make_node("Conv", ["g1", "w2"], ["output"], name="conv2", pads=[1, 1, 1, 1], group=1),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], group=1),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Mul", ["r2", "gain_scale"], ["output"], name="gain"),
     ]
     graph = helper.make_graph(
         nodes,

@@ -180,3 +180,19 @@ def test_folded_stem_is_not_reported_as_left_in_float(tmp_path: Path) -> None:
     backend.lower(model)
     assert backend.rewrites["space_to_depth_stem"] == ["stem"]
     assert not [node for node in backend.rejected if "s2d" in node], backend.rejected
+
+
+def test_conv_left_in_qdq_form_reads_constant_float_weights(tmp_path: Path) -> None:
+    proto = stem_model(8, 3, 1, [1, 1, 1, 1], 16, 16)
+    proto.graph.initializer.append(numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "b2"))
+    next(n for n in proto.graph.node if n.name == "conv2").input.append("b2")
+    model = quantized(proto, tmp_path)
+    qdq = cir.to_proto(model)
+    lowered, _ = fused(model, fold=False)
+    conv2 = next(n for n in lowered.graph.node if n.name == "conv2")
+    initializers = {t.name: t for t in lowered.graph.initializer}
+    assert conv2.op_type == "Conv", "its output feeds the graph output, so it stays a float conv"
+    weight, bias = initializers[conv2.input[1]], initializers[conv2.input[2]]
+    assert weight.data_type == bias.data_type == TensorProto.FLOAT
+    x = random_input((2, 8, 16, 16), seed=4)
+    np.testing.assert_allclose(outputs(lowered, x), outputs(qdq, x), rtol=1e-5, atol=1e-5)
