@@ -5,8 +5,9 @@ onnxruntime's own graph optimisations do the rest. Quantized (QDQ) models are
 lowered to fused integer operators (QLinearConv with the activation folded into
 its output range, QLinearAdd, QLinearGlobalAveragePool, QLinearConcat, QGemm,
 integer MaxPool/Reshape), the form that runs fastest here: stride-2 stems on few
-channels are folded by space-to-depth first, and on CPUs with AMX each conv
-takes whichever of MLAS's two int8 paths profiles faster. ``qdq=True`` keeps the
+channels are folded by space-to-depth first, single-channel stems run as
+depthwise convs, and on CPUs with AMX each conv takes whichever of MLAS's two
+int8 paths profiles faster. ``qdq=True`` keeps the
 portable QDQ form instead.
 """
 
@@ -26,6 +27,7 @@ from compressor import runtime
 from compressor.backends.base import Backend, to_proto
 from compressor.backends.compact import compact
 from compressor.backends.conv_kernels import OFFSET_ZERO_NAME, ConvKernelChooser
+from compressor.backends.depthwise_stem import depthwise_stems
 from compressor.backends.qlinear import lower_to_qlinear
 from compressor.backends.space_to_depth import space_to_depth_stems
 from compressor.errors import DataError
@@ -63,12 +65,13 @@ class OnnxruntimeCPU(Backend):
         working = ir.serde.deserialize_model(cir.to_proto(model))
         stems = space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
+        depthwise = depthwise_stems(working.graph)
         lowered = cir.to_proto(working)
         feeds = _profile_feeds(working) if self.conv_kernels is not None else None
         if feeds is not None:
             lowered = self.conv_kernels(lowered, feeds)
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
-        self.rewrites = {"space_to_depth_stem": stems, "conv_on_gemm_path": gemm}
+        self.rewrites = {"space_to_depth_stem": stems, "depthwise_stem": depthwise, "conv_on_gemm_path": gemm}
         return compact(lowered)
 
 

@@ -1,4 +1,4 @@
-"""The CPU lowering's speed-only rewrites: space-to-depth stems and the per-conv int8 kernel path.
+"""The CPU lowering's speed-only rewrites: space-to-depth and depthwise stems, the per-conv int8 kernel path.
 
 Both must leave every integer the same, so each test compares against the plain
 fused lowering exactly (no tolerance).
@@ -19,6 +19,7 @@ from compressor import compress, runtime
 from compressor import ir as cir
 from compressor.backends import conv_kernels, get_backend
 from compressor.backends.conv_kernels import ConvKernelChooser, offset_weights
+from compressor.backends.depthwise_stem import depthwise_stems
 from compressor.backends.qlinear import lower_to_qlinear
 from compressor.backends.space_to_depth import space_to_depth_stems
 from compressor.data import Dataset
@@ -196,3 +197,30 @@ def test_conv_left_in_qdq_form_reads_constant_float_weights(tmp_path: Path) -> N
     assert weight.data_type == bias.data_type == TensorProto.FLOAT
     x = random_input((2, 8, 16, 16), seed=4)
     np.testing.assert_allclose(outputs(lowered, x), outputs(qdq, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "pads"),
+    [(1, 3, [1, 1, 1, 1]), (1, 5, [2, 1, 2, 1]), (3, 3, [1, 1, 1, 1])],
+    ids=["grayscale-3x3", "grayscale-5x5-uneven", "rgb-untouched"],
+)
+def test_single_channel_stem_runs_depthwise_and_is_exact(
+    channels: int, kernel: int, pads: list[int], tmp_path: Path
+) -> None:
+    model = quantized(stem_model(channels, kernel, 1, pads, 20, 18), tmp_path)
+    plain, _ = fused(model, fold=False)
+    working = ir.serde.deserialize_model(plain)
+    names = depthwise_stems(working.graph)
+    if channels != 1:
+        assert names == []
+        return
+    assert names == ["stem"]
+    rewritten = cir.to_proto(working)
+    stem = next(n for n in rewritten.graph.node if n.name == "stem")
+    assert next(a.i for a in stem.attribute if a.name == "group") == 8
+    assert "Tile" in {n.op_type for n in rewritten.graph.node}
+    x = random_input((3, 1, 20, 18), seed=5)
+    np.testing.assert_array_equal(outputs(rewritten, x), outputs(plain, x))
+    backend = get_backend("cpu")
+    backend.lower(model)
+    assert backend.rewrites["depthwise_stem"] == ["stem"]
