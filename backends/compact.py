@@ -4,8 +4,9 @@ On small networks the bytes around the weights decide the compression ratio:
 a 0.4 MB Fashion-MNIST MobileNetV2 holds about 104 KB of int8 weights, scales and
 biases, and its lowered file carried another 23 KB of shape annotations, the
 exporter's description of parameters that no longer exist, attributes that
-restate their defaults, and long generated tensor names. onnxruntime reads none
-of it: it infers shapes itself and applies the same defaults.
+restate their defaults, and long generated tensor names. Nodes left in float
+also carry the exporter's record of the Python code they came from. onnxruntime
+reads none of it: it infers shapes itself and applies the same defaults.
 
 Only values the quantizer created are renamed: integer tensors produced by
 quantized operators, and initializers that only quantized operators read. A
@@ -33,6 +34,9 @@ SHORT_SUFFIXES = (
 )
 # Written by torch.export: the signature of the exported program, naming parameters that passes fold away.
 STALE_GRAPH_METADATA_PREFIXES = ("pkg.torch.export.",)
+# Written on every node by torch.onnx's exporter and onnxscript's rewriter: the Python source of the node
+# (module path, FX node, rewrite rule). About 0.5 KB a node, 10% of a 0.3 MB ShuffleNetV2; nothing reads it.
+EXPORTER_NODE_METADATA_PREFIXES = ("namespace", "pkg.torch.onnx.", "pkg.onnxscript.")
 WINDOW_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "MaxPool", "AveragePool"})
 
 
@@ -44,10 +48,17 @@ def compact(model: onnx.ModelProto) -> onnx.ModelProto:
     for prop in stale:
         graph.metadata_props.remove(prop)
     for node in graph.node:
+        _drop_exporter_metadata(node)
         if node.op_type in WINDOW_OPS:
             _drop_default_attributes(node)
     _shorten_generated_names(graph)
     return model
+
+
+def _drop_exporter_metadata(node: onnx.NodeProto) -> None:
+    provenance = [p for p in node.metadata_props if p.key.startswith(EXPORTER_NODE_METADATA_PREFIXES)]
+    for prop in provenance:
+        node.metadata_props.remove(prop)
 
 
 def _drop_default_attributes(node: onnx.NodeProto) -> None:

@@ -55,6 +55,9 @@ def lowered_untrimmed(proto: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto
     lowered = cir.to_proto(model)
     for key, value in (("pkg.torch.export.ExportedProgram.graph_signature", "p_w1: PARAMETER"), ("owner", "team")):
         lowered.graph.metadata_props.add(key=key, value=value)
+    gain = next(node for node in lowered.graph.node if node.name == "gain")
+    for key, value in (("namespace", ": Model/gain"), ("pkg.torch.onnx.fx_node", "%mul = ..."), ("note", "kept")):
+        gain.metadata_props.add(key=key, value=value)
     return lowered
 
 
@@ -70,6 +73,8 @@ def test_trim_keeps_every_integer_and_the_users_names(tmp_path: Path) -> None:
     assert after.ByteSize() < before.ByteSize()
     assert not after.graph.value_info
     assert [(p.key, p.value) for p in after.graph.metadata_props] == [("owner", "team")]
+    gain = next(node for node in after.graph.node if node.name == "gain")
+    assert [(p.key, p.value) for p in gain.metadata_props] == [("note", "kept")], "only the exporter's provenance goes"
     attributes = {n.name: {a.name for a in n.attribute} for n in after.graph.node if n.name.startswith("conv")}
     assert "pads" in attributes["conv1"] and "strides" not in attributes["conv1"]  # 1s are the default
     assert "group" not in attributes["conv2"]
