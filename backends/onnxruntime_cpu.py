@@ -7,7 +7,8 @@ its output range, QLinearAdd, QLinearGlobalAveragePool, QLinearConcat, QGemm,
 integer MaxPool/Reshape), the form that runs fastest here: stride-2 stems on few
 channels are folded by space-to-depth first, single-channel stems run as
 depthwise convs, and on CPUs with AMX each conv takes whichever of MLAS's two
-int8 paths profiles faster. ``qdq=True`` keeps the
+int8 paths profiles faster. Scales and biases are stored in the narrowest type
+that holds them exactly (onnxruntime widens them at load). ``qdq=True`` keeps the
 portable QDQ form instead.
 """
 
@@ -28,6 +29,7 @@ from compressor.backends.base import Backend, to_proto
 from compressor.backends.compact import compact
 from compressor.backends.conv_kernels import OFFSET_ZERO_NAME, ConvKernelChooser
 from compressor.backends.depthwise_stem import depthwise_stems
+from compressor.backends.narrow_storage import narrow_storage
 from compressor.backends.qlinear import lower_to_qlinear
 from compressor.backends.space_to_depth import space_to_depth_stems
 from compressor.errors import DataError
@@ -71,8 +73,11 @@ class OnnxruntimeCPU(Backend):
         if feeds is not None:
             lowered = self.conv_kernels(lowered, feeds)
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
-        self.rewrites = {"space_to_depth_stem": stems, "depthwise_stem": depthwise, "conv_on_gemm_path": gemm}
-        return compact(lowered)
+        compacted = compact(lowered)
+        narrowed = narrow_storage(compacted)
+        self.rewrites = {"space_to_depth_stem": stems, "depthwise_stem": depthwise, "conv_on_gemm_path": gemm,
+                         "narrow_storage": narrowed}  # fmt: skip
+        return compacted
 
 
 def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:

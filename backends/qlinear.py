@@ -270,7 +270,15 @@ WEIGHTED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
 def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
-    """Replace ``node``'s dequantized weight and bias (inputs 1 and 2) with float initializers of the same values."""
+    """Give ``node`` its dequantized weight and bias (inputs 1 and 2) as constants onnxruntime folds at load.
+
+    With a zero zero point the integers stay stored as they are, behind
+    ``Cast`` and ``Mul`` by the scale: onnxruntime's constant folding computes
+    the float tensor when it builds the session (it never folds
+    DequantizeLinear, whose QDQ fusions need to see it), and a Cast then Mul
+    in float32 computes what DequantizeLinear does, to the bit. Otherwise the
+    float tensor itself is stored.
+    """
     names = cir.UniqueNames(graph)
     for index in (1, 2):
         value = node.inputs[index] if len(node.inputs) > index else None
@@ -284,11 +292,18 @@ def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
         shape = [1] * len(q.shape)
         if scale.numpy().ndim:
             shape[axis % len(q.shape)] = -1
-        # float32 arithmetic, as DequantizeLinear itself computes it: the same values to the bit
-        steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)
-        real = steps * scale.numpy().astype(np.float32).reshape(shape)
         role = "weight" if index == 1 else "bias"
-        node.replace_input_with(index, cir.add_initializer(graph, f"{node.name}_{role}_dequantized", real, names))
+        scale_array = scale.numpy().astype(np.float32).reshape(shape)
+        if np.any(zero.numpy()):
+            steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)
+            dequantized = cir.add_initializer(graph, f"{node.name}_{role}_dequantized", steps * scale_array, names)
+        else:
+            cast = ir.Node("", "Cast", [producer.inputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
+            broadcast_scale = cir.add_initializer(graph, f"{node.name}_{role}_scale", scale_array, names)
+            mul = ir.Node("", "Mul", [cast.outputs[0], broadcast_scale])
+            graph.insert_before(node, [cast, mul])
+            dequantized = mul.outputs[0]
+        node.replace_input_with(index, dequantized)
 
 
 def _reads_dequantized(node: ir.Node) -> bool:
@@ -300,9 +315,9 @@ def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
     """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form.
 
     A Conv, Gemm or MatMul that stays in QDQ form gets its dequantized weight
-    and bias as float constants (the same values): onnxruntime fuses and
-    re-lays out only constant-weight convs, and ran a 1x1 conv at 112x112 with
-    dequantized weights 3x slower than with constant ones.
+    and bias as constants (the same values; `_fold_dequantized_constants`):
+    onnxruntime fuses and re-lays out only constant-weight convs, and ran a
+    1x1 conv at 112x112 with dequantized weights 3x slower than with constant ones.
     """
     rejected: dict[str, str] = {}
     for node in list(model.graph):

@@ -40,6 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 DEMO_FOLDER = Path("compressor-demo")
+LISTED_NAMES = 6  # names a lowering line lists before it counts the rest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +180,9 @@ def _main(argv: Sequence[str] | None) -> int:
         for node, why in result.report.kept_float.items():
             print(f"  {node}: {why}")
     for rewrite, nodes in result.report.lowering.items():
-        print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {', '.join(nodes)}")
+        more = len(nodes) - LISTED_NAMES
+        listed = ", ".join(nodes[:LISTED_NAMES]) + (f", ... {more} more" if more > 0 else "")
+        print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {listed}")
     print(f"wrote {output}")
     if args.report:
         result.report.write_json(args.report)

@@ -43,6 +43,19 @@ def power_of_two(scale: np.ndarray | float) -> np.ndarray:
     return np.exp2(np.ceil(np.log2(np.maximum(scale, np.finfo(np.float32).tiny)))).astype(np.float32)
 
 
+def half_exact(scale: np.ndarray) -> np.ndarray:
+    """``scale`` rounded up to a float16 value, where float16 holds it at full precision (its normal range).
+
+    A scale float16 holds exactly is stored in half the bytes (`backends/narrow_storage.py`).
+    Rounding up moves it by at most 2**-10 of itself and clips no value that did not clip before.
+    """
+    scale = np.asarray(scale, np.float32)
+    half = scale.astype(np.float16)
+    up = np.where(half.astype(np.float32) < scale, np.nextafter(half, np.float16(np.inf)), half).astype(np.float32)
+    normal = (scale >= np.finfo(np.float16).tiny) & (scale < np.finfo(np.float16).max / 2)
+    return np.where(normal, up, scale).astype(np.float32)
+
+
 def activation_params(low: float, high: float, config: QuantizeInt8Config) -> QuantParams:
     """Scale and zero point for an activation observed in [low, high] (low <= 0 <= high)."""
     if config.activations == "asymmetric_uint8":
@@ -84,7 +97,7 @@ def quantize_weight(
     keep = config.per_channel
     if config.weights == "symmetric":
         scale = np.max(np.abs(weight), axis=reduce, keepdims=keep) / qmax
-        scale = np.where(scale > 0, scale, 1.0)
+        scale = half_exact(np.where(scale > 0, scale, 1.0))
         if config.power_of_two:
             scale = power_of_two(scale)
         zero = np.zeros_like(scale)
@@ -92,11 +105,10 @@ def quantize_weight(
         low = np.minimum(np.min(weight, axis=reduce, keepdims=keep), 0.0)
         high = np.maximum(np.max(weight, axis=reduce, keepdims=keep), 0.0)
         scale = (high - low) / (qmax - qmin)
-        scale = np.where(scale > 0, scale, 1.0)
+        scale = half_exact(np.where(scale > 0, scale, 1.0))
         if config.power_of_two:
             scale = power_of_two(scale)
         zero = np.clip(np.round(qmin - low / scale), qmin, qmax)
-    scale = scale.astype(np.float32)
     q = np.clip(np.round(weight / scale) + zero, qmin, qmax).astype(np.int8)
     flat = scale.reshape(-1) if config.per_channel else scale.reshape(())
     return q, flat.astype(np.float32), zero.reshape(flat.shape).astype(np.int8)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from conftest import DEMO_ONNX, random_input
 from onnx import TensorProto, helper, numpy_helper
@@ -191,10 +192,21 @@ def test_conv_left_in_qdq_form_reads_constant_float_weights(tmp_path: Path) -> N
     qdq = cir.to_proto(model)
     lowered, _ = fused(model, fold=False)
     conv2 = next(n for n in lowered.graph.node if n.name == "conv2")
-    initializers = {t.name: t for t in lowered.graph.initializer}
     assert conv2.op_type == "Conv", "its output feeds the graph output, so it stays a float conv"
-    weight, bias = initializers[conv2.input[1]], initializers[conv2.input[2]]
-    assert weight.data_type == bias.data_type == TensorProto.FLOAT
+    producers = {output: node for node in lowered.graph.node for output in node.output}
+    initializers = {t.name: t for t in lowered.graph.initializer}
+    for stored_type, name in ((TensorProto.INT8, conv2.input[1]), (TensorProto.INT32, conv2.input[2])):
+        mul = producers[name]
+        cast = producers[mul.input[0]]
+        assert (mul.op_type, cast.op_type) == ("Mul", "Cast"), "integers stay stored, times their scale"
+        assert initializers[cast.input[0]].data_type == stored_type
+        assert initializers[mul.input[1]].data_type == TensorProto.FLOAT
+    folded = tmp_path / "folded.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(folded)
+    ort.InferenceSession(lowered.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert not {"Cast", "Mul"} & {n.op_type for n in onnx.load(str(folded)).graph.node}, "folded at load"
     x = random_input((2, 8, 16, 16), seed=4)
     np.testing.assert_allclose(outputs(lowered, x), outputs(qdq, x), rtol=1e-5, atol=1e-5)
 

@@ -31,7 +31,7 @@ def fp32_row(demo) -> Row:
 
 def test_ours_fp32_matches_the_original(fp32_row: Row) -> None:
     assert fp32_row.ok, fp32_row.note
-    assert fp32_row.size_ratio == pytest.approx(1.0, rel=0.02)
+    assert 1.0 <= fp32_row.size_ratio <= 1.05, "only the deployment trim (exporter metadata, shapes) goes"
     assert fp32_row.sqnr_db is not None and (math.isinf(fp32_row.sqnr_db) or fp32_row.sqnr_db >= 100.0)
     assert fp32_row.agreement == 1.0
     assert fp32_row.top1 == fp32_row.top1_fp32

@@ -166,14 +166,23 @@ def quantized_logits(config: QuantizeInt8Config, x: np.ndarray) -> tuple[np.ndar
 
 
 class TestBiasCorrection:
-    def test_reduces_mean_output_error_on_the_demo(self) -> None:
-        x = np.load(DEMO_NPZ)["x"][:512]
-        reference, plain = quantized_logits(PLAIN, x)
-        _, corrected = quantized_logits(replace(PLAIN, bias_correction=True), x)
-        plain_bias = np.abs((plain - reference).mean(axis=0)).mean()
-        corrected_bias = np.abs((corrected - reference).mean(axis=0)).mean()
-        assert corrected_bias < 0.8 * plain_bias  # measured: 0.039 vs 0.056
-        assert sqnr_db(reference, corrected) > sqnr_db(reference, plain)
+    def test_removes_the_first_convs_mean_shift_on_the_demo(self) -> None:
+        # Measured where it acts: at the logits the effect of correcting every layer's pre-activation mean
+        # is a matter of chance on this small net (between -4.7 and +2.7 dB across weight settings).
+        x = np.load(DEMO_NPZ)["x"][:256]
+        first_conv_outputs = {}
+        for correct in (None, False, True):
+            model = imported(DEMO_ONNX)
+            if correct is not None:
+                context = PassContext(calibration=Dataset(DEMO_NPZ, runtime.input_specs(model)))
+                Pipeline([QuantizeInt8(replace(PLAIN, bias_correction=correct))]).run(model, context)
+            conv = next(node for node in model.graph if node.op_type == "Conv")
+            model.graph.outputs.append(conv.outputs[0])
+            first_conv_outputs[correct] = runtime.run(runtime.make_session(model), {"input": x})[-1]
+        inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # padding borders see zeros, not the mean
+        shift = {c: np.abs((first_conv_outputs[c] - first_conv_outputs[None])[inner].mean(axis=(0, 2, 3))).mean()
+                 for c in (False, True)}  # fmt: skip
+        assert shift[True] < 0.2 * shift[False], shift
 
     def test_grouped_conv_without_bias_gets_a_corrected_bias(self, tmp_path: Path) -> None:
         proto = conv_chain([None], [8, 16], groups=[4])
