@@ -62,7 +62,7 @@ class OnnxruntimeCPU(Backend):
 
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         self.rewrites = {}
-        if self.qdq or not any(node.op_type == "QuantizeLinear" for node in model.graph):
+        if self.qdq or not any(node.op_type == "DequantizeLinear" for node in model.graph):
             return to_proto(model)
         working = ir.serde.deserialize_model(cir.to_proto(model))
         stems = space_to_depth_stems(working.graph)

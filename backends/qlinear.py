@@ -299,7 +299,7 @@ def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
             dequantized = cir.add_initializer(graph, f"{node.name}_{role}_dequantized", steps * scale_array, names)
         else:
             cast = ir.Node("", "Cast", [producer.inputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
-            broadcast_scale = cir.add_initializer(graph, f"{node.name}_{role}_scale", scale_array, names)
+            broadcast_scale = cir.add_initializer(graph, f"{node.name}_{role}_step", scale_array, names)
             mul = ir.Node("", "Mul", [cast.outputs[0], broadcast_scale])
             graph.insert_before(node, [cast, mul])
             dequantized = mul.outputs[0]

@@ -23,6 +23,7 @@ from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, 
 from compressor.passes import import_passes
 from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from compressor.passes.store_weights_int8 import StoreWeightsInt8, StoreWeightsInt8Config
 from compressor.pipeline import PassContext, Pipeline
 from compressor.report import Report, Row
 from compressor.sensitivity import LayerSensitivity, MixedPrecision
@@ -156,23 +157,28 @@ def _keep_faster_islands(
 ) -> tuple[ir.Model, onnx.ModelProto | None]:
     """``model`` with the int8 islands that run faster in float on ``backend`` put back in float.
 
+    Their convs still store int8 weights (`StoreWeightsInt8`), which the backend dequantizes at load.
     Also returns the model's lowering when the backend's last lowering was of it (no island tried), else None.
     """
     islands = int8_islands(model)
     if not islands:
         return model, None
 
-    def build(also_float: frozenset[str]) -> onnx.ModelProto:
-        return backend.lower(quantize.variant(also_float))
+    def floated(also_float: frozenset[str]) -> tuple[ir.Model, list[str]]:
+        variant, store = quantize.variant(also_float), StoreWeightsInt8(StoreWeightsInt8Config(also_float))
+        store(variant)
+        return variant, store.stored
 
     reference = backend.lower(quantize.float_model())
     lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
-    slower = guard(reference, lowered, build, islands)
+    slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:
         return model, lowered if len(guard.history) == 1 else None
     why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"
+    variant, stored = floated(slower)
     quantize.skipped.update(dict.fromkeys(slower, why))
-    return quantize.variant(slower), None
+    quantize.skipped.update(dict.fromkeys(stored, f"{why}; its weights stay int8, dequantized at load"))
+    return variant, None
 
 
 def int8_config(backend: Backend, overrides: Mapping[str, object] | None = None) -> QuantizeInt8Config:

@@ -167,27 +167,8 @@ def quantize_node_weights(
     Returns the largest |bias correction|, or None when none was applied.
     """
     names = names or UniqueNames(graph)
-    weight = node.inputs[1]
-    axis = weight_channel_axis(node, len(weight.const_value.shape))
-    key = (weight.name, node.op_type, axis, config.weights, config.weight_bits, config.per_channel,
-           config.per_tensor_min_sqnr_db, config.power_of_two, None if mean is None else id(mean))  # fmt: skip
-    if memo is not None and key in memo:
-        q, scale, zero, shift = memo[key]
-    else:
-        q, scale, zero, shift = _quantized_weight(node, axis, config, mean)
-        if memo is not None:
-            for array in (q, scale, zero, shift):
-                if array is not None:
-                    array.setflags(write=False)  # shared by every model built from the memo
-            memo[key] = q, scale, zero, shift
-    base = node.name or weight.name
-    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
-    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
-    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
-    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
-    dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
-    graph.insert_before(node, dq)
-    node.replace_input_with(1, dq.outputs[0])
+    base = node.name or node.inputs[1].name
+    scale, shift = quantize_weight_input(graph, node, config, mean, names, memo)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     bias_array = None if bias is None else ir.convenience.get_const_tensor(bias)
     if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
@@ -210,6 +191,41 @@ def quantize_node_weights(
         node.resize_inputs(3)
     node.replace_input_with(2, bias_dq.outputs[0])
     return None if shift is None else float(np.max(np.abs(shift)))
+
+
+def quantize_weight_input(
+    graph: ir.Graph,
+    node: ir.Node,
+    config: QuantizeInt8Config,
+    mean: np.ndarray | None = None,
+    names: UniqueNames | None = None,
+    memo: WeightMemo | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Put ``node``'s weight (input 1) behind DequantizeLinear; return its scale(s) and, given ``mean``, the
+    output shift its rounding causes (see `quantize_node_weights`)."""
+    names = names or UniqueNames(graph)
+    weight = node.inputs[1]
+    axis = weight_channel_axis(node, len(weight.const_value.shape))
+    key = (weight.name, node.op_type, axis, config.weights, config.weight_bits, config.per_channel,
+           config.per_tensor_min_sqnr_db, config.power_of_two, None if mean is None else id(mean))  # fmt: skip
+    if memo is not None and key in memo:
+        q, scale, zero, shift = memo[key]
+    else:
+        q, scale, zero, shift = _quantized_weight(node, axis, config, mean)
+        if memo is not None:
+            for array in (q, scale, zero, shift):
+                if array is not None:
+                    array.setflags(write=False)  # shared by every model built from the memo
+            memo[key] = q, scale, zero, shift
+    base = node.name or weight.name
+    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
+    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
+    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
+    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
+    dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    return scale, shift
 
 
 def _quantized_weight(

@@ -13,7 +13,7 @@ from conftest import random_input, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor import runtime
-from compressor.api import compress
+from compressor.api import _keep_faster_islands, compress
 from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
 from compressor.data import Dataset
 from compressor.latency_guard import LatencyGuard, int8_islands
@@ -152,3 +152,24 @@ def test_compress_reports_the_guard(calib: Path) -> None:
     assert set(reasons) <= floated
     off = compress(two_island_model(), "int8", calib=calib, measure_latency=False, latency_guard=False)
     assert "latency_guard" not in off.report.passes[-1]
+
+
+def test_islands_put_in_float_keep_int8_weights(calib: Path) -> None:
+    model, quantize = quantized(two_island_model(), calib)
+    backend = CountingCPU(int8_conv=1.5)
+    guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
+    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
+    convs = {"conv0", "conv1", "conv2", "conv3"}
+    assert {n for n, why in quantize.skipped.items() if "weights stay int8" in why} == convs
+    lowered = backend.lower(variant)
+    producers = {output: node for node in lowered.graph.node for output in node.output}
+    stored = {t.name: t.data_type for t in lowered.graph.initializer}
+    for conv in (n for n in lowered.graph.node if n.name in convs):
+        assert conv.op_type == "Conv"
+        mul = producers[conv.input[1]]
+        assert stored[producers[mul.input[0]].input[0]] == TensorProto.INT8, "int8 in the file, float at load"
+        assert stored[conv.input[2]] == TensorProto.FLOAT, "biases stay float"
+    x = random_input((8, 3, 16, 16), seed=5)
+    expected = run_onnx(two_island_model(), {"input": x})[0]
+    actual = runtime.run(runtime.make_session(lowered), {"input": x})[0]
+    assert sqnr_db(expected, actual) > 35.0  # weight rounding only
