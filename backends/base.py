@@ -45,6 +45,15 @@ class Backend(abc.ABC):
         """Whether `compress` should time each int8 island here and keep float where that is faster."""
         return False
 
+    @property
+    def dequantizes_weights_at_load(self) -> bool:
+        """Whether the lowering turns int8 weights of float nodes into float constants built at load.
+
+        Where it does, nodes kept in float for speed can still store int8 weights (`StoreWeightsInt8`);
+        elsewhere their DequantizeLinear would run on every call.
+        """
+        return False
+
     def check_available(self) -> None:  # noqa: B027 - optional hook, most backends always run
         """Raise `BackendUnavailableError` if this backend cannot run here."""
 

@@ -60,6 +60,10 @@ class OnnxruntimeCPU(Backend):
     def times_int8_islands(self) -> bool:
         return not self.qdq  # the fused integer graph is the one whose speed varies by model
 
+    @property
+    def dequantizes_weights_at_load(self) -> bool:
+        return not self.qdq  # `qlinear._fold_dequantized_constants`
+
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         self.rewrites = {}
         if self.qdq or not any(node.op_type == "DequantizeLinear" for node in model.graph):

@@ -157,7 +157,7 @@ def _keep_faster_islands(
 ) -> tuple[ir.Model, onnx.ModelProto | None]:
     """``model`` with the int8 islands that run faster in float on ``backend`` put back in float.
 
-    Their convs still store int8 weights (`StoreWeightsInt8`), which the backend dequantizes at load.
+    Their convs still store int8 weights (`StoreWeightsInt8`) where the backend dequantizes them at load.
     Also returns the model's lowering when the backend's last lowering was of it (no island tried), else None.
     """
     islands = int8_islands(model)
@@ -166,7 +166,8 @@ def _keep_faster_islands(
 
     def floated(also_float: frozenset[str]) -> tuple[ir.Model, list[str]]:
         variant, store = quantize.variant(also_float), StoreWeightsInt8(StoreWeightsInt8Config(also_float))
-        store(variant)
+        if backend.dequantizes_weights_at_load:
+            store(variant)
         return variant, store.stored
 
     reference = backend.lower(quantize.float_model())

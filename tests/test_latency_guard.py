@@ -100,9 +100,10 @@ class CountingCPU(OnnxruntimeCPU):
     float Conv 1.0, so the test decides which side is faster.
     """
 
-    def __init__(self, int8_conv: float) -> None:
+    def __init__(self, int8_conv: float, dequantize: float = 0.01) -> None:
         super().__init__()
         self.int8_conv = int8_conv
+        self.dequantize = dequantize
 
     def latency(
         self,
@@ -111,7 +112,7 @@ class CountingCPU(OnnxruntimeCPU):
         runs: int | None = None,
         seconds: float = 1.0,
     ) -> list[Latency]:
-        costs = {"QLinearConv": self.int8_conv, "Conv": 1.0}
+        costs = {"QLinearConv": self.int8_conv, "Conv": 1.0, "DequantizeLinear": self.dequantize}
         results = []
         for model in models:
             proto = self.lower(model) if isinstance(model, ir.Model) else model
@@ -173,3 +174,15 @@ def test_islands_put_in_float_keep_int8_weights(calib: Path) -> None:
     expected = run_onnx(two_island_model(), {"input": x})[0]
     actual = runtime.run(runtime.make_session(lowered), {"input": x})[0]
     assert sqnr_db(expected, actual) > 35.0  # weight rounding only
+
+
+def test_islands_keep_float_weights_where_the_backend_would_dequantize_every_call(calib: Path) -> None:
+    model, quantize = quantized(two_island_model(), calib)
+    backend = CountingCPU(int8_conv=1.5, dequantize=1.0)
+    backend.qdq = True  # the QDQ form, as on CUDA: a weight DequantizeLinear would run on every call
+    assert not backend.dequantizes_weights_at_load
+    variant, _ = _keep_faster_islands(
+        LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))}), quantize, backend, model
+    )
+    assert not [n for n in variant.graph if n.op_type == "DequantizeLinear"]
+    assert not [why for why in quantize.skipped.values() if "weights stay int8" in why]
