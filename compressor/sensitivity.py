@@ -10,7 +10,9 @@ quantized, so errors do not compound). The run also yields each layer's MACs.
 `MixedPrecision` is the policy `compressor.compress` hands to `QuantizeInt8`.
 While the fully quantized model's output SQNR is below ``config.min_sqnr_db``,
 it tries keeping the next most sensitive layer in float and keeps it only if the
-model's SQNR rises. Float layers cost speed, so together they may hold at most
+model's SQNR rises. Errors of neighbouring layers interact (EfficientNet-Lite0's
+stem helps only beside the depthwise conv it feeds), so once a layer is kept,
+each layer rejected before is tried once more. Float layers cost speed, so together they may hold at most
 ``config.max_float_fraction`` of the model's MACs; a layer that int8 breaks
 outright (below `BROKEN_DB` alone) is tried regardless of that budget.
 """
@@ -222,8 +224,10 @@ class MixedPrecision:
             return {}
         budget = config.max_float_fraction * sum(layer.macs for layer in ranked)
         kept: list[LayerSensitivity] = []
-        for layer in ranked:
-            if best >= target or len(self.history) > MAX_TRIALS or layer.sqnr_db >= target:
+        queue, rejected, retried = list(ranked), [], set()
+        while queue and best < target and len(self.history) <= MAX_TRIALS:
+            layer = queue.pop(0)
+            if layer.sqnr_db >= target:
                 break
             spent = sum(k.macs for k in kept) + layer.macs
             if spent > budget and layer.sqnr_db >= BROKEN_DB:
@@ -231,9 +235,15 @@ class MixedPrecision:
             names = (*(k.node for k in kept), layer.node)
             sqnr = probe.sqnr_db(_quantized(proto, replace(config, keep_float=config.keep_float | set(names)), stats))
             self.history.append((names, sqnr))
-            if sqnr >= best + MIN_GAIN_DB:
-                kept.append(layer)
-                best = sqnr
+            if sqnr < best + MIN_GAIN_DB:
+                rejected.append(layer)
+                continue
+            kept.append(layer)
+            best = sqnr
+            # Errors of neighbouring layers interact: retry each rejected layer once beside the grown set.
+            again = [r for r in rejected if r.node not in retried]
+            retried.update(r.node for r in again)
+            queue, rejected = again + queue, []
         if self.history[-1][0] != tuple(k.node for k in kept):
             self.history.append((tuple(k.node for k in kept), best))
         return {k.node: f"sensitivity: {k.sqnr_db:.1f} dB alone, {k.macs / 1e6:.1f} MMACs" for k in kept}
