@@ -119,22 +119,13 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
     Symbolic input dims are set to 1 on a copy for shape inference only; the
     model itself is untouched.
     """
-    proto = (
-        cir.to_proto(model) if isinstance(model, ir.Model) else onnx.ModelProto.FromString(model.SerializeToString())
-    )
-    initializer_names = {t.name for t in proto.graph.initializer}
-    for graph_input in proto.graph.input:
-        if graph_input.name in initializer_names:
-            continue
-        for dim in graph_input.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.Clear()
-                dim.dim_value = 1
+    proto = cir.to_proto(model) if isinstance(model, ir.Model) else model
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    skeleton = _without_weight_data(proto)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weight_data(proto), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
-        inferred = proto
+        inferred = skeleton
     shapes = _known_shapes(inferred.graph)
     missing = [n.output[0] for n in inferred.graph.node if n.op_type in MAC_OPS and n.output[0] not in shapes]
     if missing:  # ONNX shape inference stops at contrib ops (QLinearAdd, QGemm, ...): ask onnxruntime
@@ -147,26 +138,41 @@ SMALL_INITIALIZER_ELEMENTS = 64
 
 
 def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with its weights as typed graph inputs: shape inference needs their shapes, not their bytes.
+    """A batch-1 copy of ``proto`` with its weights as typed graph inputs: shape inference needs their shapes.
 
-    Integer and small initializers stay, since shapes may be computed from them
-    (Reshape targets, Slice bounds, Resize scales).
+    Built field by field so the weight bytes are never copied. Integer and small
+    initializers stay, since shapes may be computed from them (Reshape targets,
+    Slice bounds, Resize scales).
     """
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
-    graph = skeleton.graph
+    skeleton = onnx.ModelProto(ir_version=proto.ir_version)
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    source, graph = proto.graph, skeleton.graph
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    _set_symbolic_dims_to_one(graph)
     inputs = {i.name for i in graph.input}
-    kept, typed = [], []
-    for tensor in graph.initializer:
+    for tensor in source.initializer:
         shape_data = tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
         if shape_data or int(np.prod(tensor.dims)) <= SMALL_INITIALIZER_ELEMENTS:
-            kept.append(tensor)
+            graph.initializer.append(tensor)
         elif tensor.name not in inputs:
-            typed.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    graph.input.extend(typed)
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return skeleton
+
+
+def _set_symbolic_dims_to_one(graph: onnx.GraphProto) -> None:
+    """Fix every symbolic dim of the graph's data inputs (not initializer-backed ones) to 1."""
+    initializer_names = {t.name for t in graph.initializer}
+    for graph_input in graph.input:
+        if graph_input.name in initializer_names:
+            continue
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
 
 
 MAC_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "QLinearMatMul",
@@ -176,6 +182,7 @@ MAC_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gem
 def _shapes_by_running(proto: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of the MAC ops' inputs and outputs from one onnxruntime run on zeros (batch 1)."""
     probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    _set_symbolic_dims_to_one(probe.graph)
     wanted = {n for n in names if n} | {n.output[0] for n in probe.graph.node if n.op_type in MAC_OPS}
     initializer_names = {t.name for t in probe.graph.initializer}
     wanted -= initializer_names | {o.name for o in probe.graph.output}

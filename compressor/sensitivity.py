@@ -46,6 +46,11 @@ BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float wha
 MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost
 MAX_TRIALS = 8  # model evaluations the search may spend after the first
 RANK_SAMPLES = 8  # a layer's output holds thousands of values per sample: a few samples rank it
+# ...and a large input gives each layer hundreds of thousands: ranking sees at most about this many
+# input values (3 images at 224x224), at least `MIN_RANK_SAMPLES` samples. The twin model runs
+# about three times slower than the float one, so at 224x224 this halves the ranking's time.
+RANK_INPUT_ELEMENTS = 2**19
+MIN_RANK_SAMPLES = 2
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,7 @@ def layer_sensitivity(
     """One entry per quantizable compute node of the float ``model`` (not modified), worst SQNR first.
 
     ``stats`` (from `compressor.passes.quantize_int8.calibrate`) is computed
-    here when not given; ``samples`` defaults to ``config.sensitivity_samples``,
-    at most `RANK_SAMPLES`.
+    here when not given; ``samples`` defaults to `rank_samples`.
     """
     config = config or QuantizeInt8Config()
     proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
@@ -88,7 +92,7 @@ def layer_sensitivity(
     noise = dict.fromkeys(pairs, 0.0)
     macs: dict[str, int] = {}
     batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-    limit = samples or min(config.sensitivity_samples, RANK_SAMPLES)
+    limit = samples or rank_samples(dataset, config)
     for batch in dataset.batches(batch_size=batch_size, limit=limit):
         outputs = dict(zip(names, runtime.run(session, batch.feeds), strict=True))
         for node, probe in pairs.items():
@@ -98,6 +102,12 @@ def layer_sensitivity(
     ops = dict(quantizable_nodes(ir.serde.deserialize_model(proto), config)[0])
     results = [LayerSensitivity(node, ops[node], _db(signal[node], noise[node]), macs[node]) for node in pairs]
     return sorted(results, key=lambda r: (r.sqnr_db, r.node))
+
+
+def rank_samples(dataset: Samples, config: QuantizeInt8Config) -> int:
+    """Calibration samples the ranking runs: `RANK_SAMPLES`, fewer for large inputs, never above the probe's."""
+    by_size = max(MIN_RANK_SAMPLES, RANK_INPUT_ELEMENTS // max(dataset.sample_elements(), 1))
+    return min(config.sensitivity_samples, RANK_SAMPLES, by_size)
 
 
 def _db(signal: float, noise: float) -> float:
