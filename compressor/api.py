@@ -147,7 +147,7 @@ def compress(
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
     if original is None:
-        original = cir.to_proto(cir.load_model(model, check=False))  # checked on entry
+        original = onnx.load(str(model))  # checked on entry (external data included)
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
@@ -170,7 +170,8 @@ def _keep_faster_islands(
             store(variant)
         return variant, store.stored
 
-    reference = backend.lower(quantize.float_model())
+    # The float model as is: a backend that times islands (CPU) only trims metadata when it lowers fp32.
+    reference = quantize.float_proto
     lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
     slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:

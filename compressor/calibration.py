@@ -272,10 +272,8 @@ def collect(
     float reference later checks compare against), one array per output.
     """
     proto, readers = _instrumented(model, observers)
-    serialized = proto.SerializeToString()
-    del proto  # as large as the model, and onnxruntime builds its own copy from the bytes
-    session = runtime.make_session(serialized)
-    del serialized
+    session = runtime.make_session(proto)
+    del proto  # as large as the model; onnxruntime has its own copy
     names = [output.name for output in session.get_outputs()]
     model_outputs = [output.name for output in model.graph.outputs]
     kept: list[list[np.ndarray]] = [[] for _ in model_outputs]

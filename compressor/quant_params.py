@@ -128,12 +128,12 @@ def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarr
         out_channels, in_per_group = delta.shape[:2]
         if mean.shape != (in_per_group * groups,) or out_channels % groups:
             return None
-        per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=-1)
+        per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=-1, dtype=np.float64)
         group_of = np.arange(out_channels) // (out_channels // groups)
         return np.sum(per_input * mean.reshape(groups, in_per_group)[group_of], axis=1)
     trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
     matrix = delta if trans_b else delta.T  # [N, K]
-    return matrix @ mean if mean.shape == (matrix.shape[1],) else None
+    return matrix.astype(np.float64) @ mean if mean.shape == (matrix.shape[1],) else None
 
 
 def weight_channel_axis(node: ir.Node, ndim: int) -> int:
@@ -238,6 +238,7 @@ def _quantized_weight(
     if mean is not None and node.op_type in ("Conv", "Gemm"):
         shape = [1] * array.ndim
         shape[axis] = -1
-        dequantized = (q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        # float32 suffices: |q - zero| < 2^8 times a float16-exact scale (`half_exact`) is exact, sums run in float64.
+        dequantized = (q.astype(np.float32) - zero.reshape(shape)) * scale.reshape(shape)
         shift = output_shift(node, dequantized - array, mean)
     return q, scale, zero, shift

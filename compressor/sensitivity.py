@@ -83,10 +83,8 @@ def layer_sensitivity(
     proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
     stats = stats or calibrate(ir.serde.deserialize_model(proto), dataset, config)
     twins, pairs = _with_quantized_twins(proto, config, stats)
-    serialized = twins.SerializeToString()
-    del twins  # as large as the model, and onnxruntime builds its own copy from the bytes
-    session = runtime.make_session(serialized)
-    del serialized
+    session = runtime.make_session(twins)
+    del twins  # as large as the model; onnxruntime has its own copy
     names = [output.name for output in session.get_outputs()]
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
@@ -128,7 +126,7 @@ class _TwinOutputs:
 
 def _with_quantized_twins(
     model: onnx.ModelProto, config: QuantizeInt8Config, stats: CalibrationStats
-) -> tuple[onnx.ModelProto, dict[str, _TwinOutputs]]:
+) -> tuple[ir.Model, dict[str, _TwinOutputs]]:
     """A copy of ``model`` where each compute node has an int8 twin and outputs its error as two sums.
 
     The sums are computed inside the model (ReduceSumSquare), so no activation
@@ -166,7 +164,7 @@ def _with_quantized_twins(
         out_channels = weight.shape[weight_channel_axis(node, len(weight.shape))]
         per_value = int(np.prod(weight.shape)) // int(out_channels)
         pairs[node.name] = _TwinOutputs(signal.outputs[0].name, noise.outputs[0].name, shape.outputs[0].name, per_value)
-    return cir.to_proto(copy), pairs
+    return copy, pairs
 
 
 class _Probe:

@@ -188,11 +188,16 @@ class QuantizeInt8(Pass):
         self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
 
-    def float_model(self) -> ir.Model:
-        """The model as the last run received it, before quantization."""
+    @property
+    def float_proto(self) -> onnx.ModelProto:
+        """The model as the last run received it, before quantization (shared: do not modify)."""
         if self._float_model is None:
-            raise RuntimeError("QuantizeInt8.float_model needs a completed run")
-        return ir.serde.deserialize_model(self._float_model)
+            raise RuntimeError("QuantizeInt8.float_proto needs a completed run")
+        return self._float_model
+
+    def float_model(self) -> ir.Model:
+        """A fresh IR copy of `float_proto`."""
+        return ir.serde.deserialize_model(self.float_proto)
 
     def variant(self, also_float: frozenset[str]) -> ir.Model:
         """The last run's model again, with the nodes ``also_float`` left in float too (same statistics)."""
