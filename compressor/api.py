@@ -95,8 +95,7 @@ def compress(
         raise UsageError(f"{', '.join(requested)}: not implemented yet; use --target fp32 or int8 for now")
     chosen_backend = get_backend(backend, threads=threads, qdq=qdq)
     working = _load(model)
-    # A file input is read again for the final measurements rather than held through every pass.
-    original = None if isinstance(model, (str, os.PathLike)) else cir.to_proto(working)
+    original = _Original(model, working)
     specs = runtime.input_specs(working)
     context = PassContext(
         calibration=_dataset(calib, specs, preprocess),
@@ -146,8 +145,6 @@ def compress(
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
-    if original is None:
-        original = onnx.load(str(model))  # checked on entry (external data included)
     _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
@@ -170,8 +167,7 @@ def _keep_faster_islands(
             store(variant)
         return variant, store.stored
 
-    # The float model as is: a backend that times islands (CPU) only trims metadata when it lowers fp32.
-    reference = quantize.float_proto
+    reference = backend.lower(quantize.float_model())
     lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
     slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:
@@ -218,9 +214,30 @@ def _dataset(
     return dataset
 
 
+class _Original:
+    """The model as given: size and cost measured on entry, the model itself read again only if a session needs it.
+
+    A file input is not held through every pass: the report often needs no session on it (latency
+    off, reference outputs kept by calibration).
+    """
+
+    __slots__ = ("_path", "_proto", "cost", "size")
+
+    def __init__(self, model: str | os.PathLike | ir.Model | onnx.ModelProto, working: ir.Model) -> None:
+        proto = cir.to_proto(working)
+        self.size, self.cost = model_size_bytes(proto), compute_cost(proto)
+        self._path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+        self._proto = None if self._path is not None else proto
+
+    def proto(self) -> onnx.ModelProto:
+        if self._proto is None:
+            self._proto = onnx.load(str(self._path))  # checked on entry (external data included)
+        return self._proto
+
+
 def _measure(
     report: Report,
-    original: onnx.ModelProto,
+    original: _Original,
     lowered: onnx.ModelProto,
     compressed: ir.Model,
     backend: Backend,
@@ -235,16 +252,16 @@ def _measure(
     inference sees them) rather than on the backend's lowering. ``known`` holds
     the float model's outputs on the first calibration samples, if calibration kept them.
     """
-    before, after = compute_cost(original), compute_cost(compressed)
+    before, after = original.cost, compute_cost(compressed)
     report.rows += [
-        Row("size", model_size_bytes(original), model_size_bytes(lowered), "bytes"),
+        Row("size", original.size, model_size_bytes(lowered), "bytes"),
         Row("MACs (batch 1)", before.macs, after.macs, "count"),
         Row("params", before.params, after.params, "count"),
     ]
     data = context.evaluation or context.calibration
     if measure_latency:
         feeds = data.first_batch(1) if data is not None else runtime.random_feeds(specs, 1, context.seed)
-        fp32_latency, new_latency = backend.latency([original, lowered], feeds)
+        fp32_latency, new_latency = backend.latency([original.proto(), lowered], feeds)
         label = f"latency (batch 1, {backend.threads} threads, median)"
         report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
     _measure_fidelity(report, original, lowered, backend, context, specs, known)
@@ -252,7 +269,7 @@ def _measure(
 
 def _measure_fidelity(
     report: Report,
-    original: onnx.ModelProto,
+    original: _Original,
     lowered: onnx.ModelProto,
     backend: Backend,
     context: PassContext,
@@ -267,7 +284,7 @@ def _measure_fidelity(
         source = "eval" if context.evaluation is not None else "calib"
         if source == "calib" and known and len(known[0]) >= limit:
             reference_logits.append(known[0][:limit])  # calibration already ran the float model on these
-        reference_session = None if reference_logits else backend.session(original)
+        reference_session = None if reference_logits else backend.session(original.proto())
         for batch in data.batches(batch_size=data.batch_size_for(FIDELITY_BATCH_ELEMENTS, 32), limit=limit):
             if reference_session is not None:
                 reference_logits.append(backend.run(reference_session, batch.feeds)[0])
@@ -277,7 +294,7 @@ def _measure_fidelity(
     else:
         source = "random"
         feeds = runtime.random_feeds(specs, 32, context.seed)
-        reference_logits.append(backend.run(backend.session(original), feeds)[0])
+        reference_logits.append(backend.run(backend.session(original.proto()), feeds)[0])
         logits.append(backend.run(session, feeds)[0])
     reference, output = np.concatenate(reference_logits), np.concatenate(logits)
     report.evaluation = {"source": source, "samples": int(reference.shape[0])}

@@ -80,9 +80,9 @@ def layer_sensitivity(
     here when not given; ``samples`` defaults to `rank_samples`.
     """
     config = config or QuantizeInt8Config()
-    proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
-    stats = stats or calibrate(ir.serde.deserialize_model(proto), dataset, config)
-    twins, pairs = _with_quantized_twins(proto, config, stats)
+    float_model = _as_ir(model)
+    stats = stats or calibrate(float_model.clone(), dataset, config)
+    twins, pairs = _with_quantized_twins(float_model, config, stats)
     session = runtime.make_session(twins)
     del twins  # as large as the model; onnxruntime has its own copy
     names = [output.name for output in session.get_outputs()]
@@ -97,7 +97,7 @@ def layer_sensitivity(
             signal[node] += float(outputs[probe.signal])
             noise[node] += float(outputs[probe.noise])
             macs[node] = probe.macs_per_value * int(np.prod(outputs[probe.shape][1:]))
-    ops = dict(quantizable_nodes(ir.serde.deserialize_model(proto), config)[0])
+    ops = dict(quantizable_nodes(float_model, config)[0])
     results = [LayerSensitivity(node, ops[node], _db(signal[node], noise[node]), macs[node]) for node in pairs]
     return sorted(results, key=lambda r: (r.sqnr_db, r.node))
 
@@ -106,6 +106,11 @@ def rank_samples(dataset: Samples, config: QuantizeInt8Config) -> int:
     """Calibration samples the ranking runs: `RANK_SAMPLES`, fewer for large inputs, never above the probe's."""
     by_size = max(MIN_RANK_SAMPLES, RANK_INPUT_ELEMENTS // max(dataset.sample_elements(), 1))
     return min(config.sensitivity_samples, RANK_SAMPLES, by_size)
+
+
+def _as_ir(model: ir.Model | onnx.ModelProto) -> ir.Model:
+    """An IR view of a proto (its tensors shared), or the IR model itself."""
+    return model if isinstance(model, ir.Model) else ir.serde.deserialize_model(model)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -125,14 +130,14 @@ class _TwinOutputs:
 
 
 def _with_quantized_twins(
-    model: onnx.ModelProto, config: QuantizeInt8Config, stats: CalibrationStats
+    model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats
 ) -> tuple[ir.Model, dict[str, _TwinOutputs]]:
     """A copy of ``model`` where each compute node has an int8 twin and outputs its error as two sums.
 
     The sums are computed inside the model (ReduceSumSquare), so no activation
     leaves onnxruntime and memory stays that of one forward pass.
     """
-    copy = ir.serde.deserialize_model(model)  # new IR over the proto's tensors; the proto is not modified
+    copy = model.clone()  # shares the tensors; the model is not modified
     graph = copy.graph
     wanted = {name for name, _ in quantizable_nodes(copy, config)[0]}
     pairs: dict[str, _TwinOutputs] = {}
@@ -174,26 +179,26 @@ class _Probe:
     """
 
     def __init__(
-        self, model: onnx.ModelProto, dataset: Samples, samples: int, batch_size: int, stats: CalibrationStats
+        self, model: ir.Model, dataset: Samples, samples: int, batch_size: int, stats: CalibrationStats
     ) -> None:
         self.feeds = [batch.feeds for batch in dataset.batches(batch_size=batch_size, limit=samples)]
         count = sum(next(iter(feeds.values())).shape[0] for feeds in self.feeds)
         kept = stats.outputs
         self.reference = [o[:count] for o in kept] if kept and len(kept[0]) >= count else self._outputs(model)
 
-    def _outputs(self, model: onnx.ModelProto) -> list[np.ndarray]:
+    def _outputs(self, model: ir.Model) -> list[np.ndarray]:
         session = runtime.make_session(model)
         runs = [runtime.run(session, feeds) for feeds in self.feeds]
         return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
-    def sqnr_db(self, model: onnx.ModelProto) -> float:
+    def sqnr_db(self, model: ir.Model) -> float:
         return float(compare_outputs(self.reference, self._outputs(model)).sqnr_db)
 
 
-def _quantized(float_model: onnx.ModelProto, config: QuantizeInt8Config, stats: CalibrationStats) -> onnx.ModelProto:
-    copy = ir.serde.deserialize_model(float_model)
+def _quantized(float_model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats) -> ir.Model:
+    copy = float_model.clone()  # shares the float tensors; quantization replaces them rather than writing to them
     apply_quantization(copy, config, stats)
-    return cir.to_proto(copy)
+    return copy
 
 
 @dataclass
@@ -214,19 +219,19 @@ class MixedPrecision:
     history: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
 
     def __call__(
-        self, model: onnx.ModelProto | ir.Model, stats: CalibrationStats, config: QuantizeInt8Config
+        self, model: ir.Model | onnx.ModelProto, stats: CalibrationStats, config: QuantizeInt8Config
     ) -> dict[str, str]:
         dataset = self.dataset or PassContext.current().calibration
         if dataset is None:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
-        proto = model if isinstance(model, onnx.ModelProto) else cir.to_proto(model)
+        float_model = _as_ir(model)
         batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-        probe = _Probe(proto, dataset, config.sensitivity_samples, batch_size, stats)
-        best = probe.sqnr_db(_quantized(proto, config, stats))
+        probe = _Probe(float_model, dataset, config.sensitivity_samples, batch_size, stats)
+        best = probe.sqnr_db(_quantized(float_model, config, stats))
         self.history = [((), best)]
         target = config.min_sqnr_db
         search = target is not None and best < target and config.max_float_fraction > 0
-        ranked = layer_sensitivity(proto, dataset, config, stats) if search or self.explain else []
+        ranked = layer_sensitivity(float_model, dataset, config, stats) if search or self.explain else []
         self.sensitivity = ranked
         if not search:
             return {}
@@ -241,7 +246,8 @@ class MixedPrecision:
             if spent > budget and layer.sqnr_db >= BROKEN_DB:
                 continue
             names = (*(k.node for k in kept), layer.node)
-            sqnr = probe.sqnr_db(_quantized(proto, replace(config, keep_float=config.keep_float | set(names)), stats))
+            variant = replace(config, keep_float=config.keep_float | set(names))
+            sqnr = probe.sqnr_db(_quantized(float_model, variant, stats))
             self.history.append((names, sqnr))
             if sqnr < best + MIN_GAIN_DB:
                 rejected.append(layer)

@@ -27,13 +27,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor import calibration
-from compressor import ir as cir
 from compressor.data import Samples
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer
@@ -129,7 +127,7 @@ class CalibrationStats:
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
 # The float model comes serialized: the chooser builds its variants from it without another copy.
-FloatChooser = Callable[[onnx.ModelProto, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
+FloatChooser = Callable[[ir.Model, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
 
 
 class QuantizeInt8(Pass):
@@ -159,7 +157,7 @@ class QuantizeInt8(Pass):
         self.corrected: dict[str, float] = {}  # node name -> max |bias correction|
         self.calibrated: CalibrationStats | None = None  # the statistics the last run used
         self.applied: QuantizeInt8Config | None = None  # the config the last run used, float choices included
-        self._float_model: onnx.ModelProto | None = None
+        self._float_model: ir.Model | None = None  # a clone: the pass then quantizes the model in place
 
     def requires(self, model: ir.Model) -> None:
         found = sorted({n.op_type for n in model.graph if n.op_type in ALREADY_QUANTIZED_OPS})
@@ -179,7 +177,7 @@ class QuantizeInt8(Pass):
             stats = calibrate(model, context.calibration, self.config)
         self.calibrated = stats
         config = self.config
-        self._float_model = cir.to_proto(model)
+        self._float_model = model.clone()  # shares the tensors: quantization replaces, never writes to, them
         extra = dict(self.choose_float(self._float_model, stats, config)) if self.choose_float else {}
         if extra:
             config = replace(config, keep_float=config.keep_float | frozenset(extra))
@@ -188,16 +186,11 @@ class QuantizeInt8(Pass):
         self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
 
-    @property
-    def float_proto(self) -> onnx.ModelProto:
-        """The model as the last run received it, before quantization (shared: do not modify)."""
-        if self._float_model is None:
-            raise RuntimeError("QuantizeInt8.float_proto needs a completed run")
-        return self._float_model
-
     def float_model(self) -> ir.Model:
-        """A fresh IR copy of `float_proto`."""
-        return ir.serde.deserialize_model(self.float_proto)
+        """The model as the last run received it, before quantization (a new IR model, tensors shared)."""
+        if self._float_model is None:
+            raise RuntimeError("QuantizeInt8.float_model needs a completed run")
+        return self._float_model.clone()
 
     def variant(self, also_float: frozenset[str]) -> ir.Model:
         """The last run's model again, with the nodes ``also_float`` left in float too (same statistics)."""
