@@ -112,10 +112,13 @@ def make_session(
         view = ir.serde.deserialize_model(model)  # shares the proto's tensors
         model = view if cir.weight_bytes(view) > FILE_SESSION_MIN_BYTES else model.SerializeToString()
     if isinstance(model, ir.Model) and cir.weight_bytes(model) > FILE_SESSION_MIN_BYTES:
-        with tempfile.TemporaryDirectory(prefix="compressor-session-", ignore_cleanup_errors=True) as folder:
-            path = Path(folder) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data", alignment=4096)
-            return _session(str(path), providers, options)
+        try:
+            with tempfile.TemporaryDirectory(prefix="compressor-session-", ignore_cleanup_errors=True) as folder:
+                path = Path(folder) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data", alignment=4096)
+                return _session(str(path), providers, options)
+        except OSError:  # no writable temporary folder (or it is full): go through bytes after all
+            pass
     if isinstance(model, ir.Model):
         model = cir.to_bytes(model)
     elif isinstance(model, os.PathLike):

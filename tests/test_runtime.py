@@ -40,3 +40,10 @@ def test_small_model_goes_as_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     session = runtime.make_session(conv_bn_model())  # a few KB, far under FILE_SESSION_MIN_BYTES
     assert written == []
     assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
+def test_unwritable_temporary_folder_falls_back_to_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "FILE_SESSION_MIN_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    session = runtime.make_session(conv_bn_model())
+    assert [o.name for o in session.get_outputs()] == ["logits"]
