@@ -18,7 +18,6 @@ the latency guard builds reuse them.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import tempfile
@@ -133,11 +132,17 @@ def _profile_pair(
         return [_node_medians(Path(session.end_profiling())) for session in sessions]
 
 
+NODE_EVENT = re.compile(r'"cat"\s*:\s*"Node".*?"dur"\s*:\s*(\d+).*?"name"\s*:\s*"([^"]+)_kernel_time"')
+
+
 def _node_medians(profile: Path) -> dict[str, float]:
-    # onnxruntime names a node's events "<name>_kernel_time"; its layout pass may add "_token_<n>" to the name.
+    # onnxruntime writes one event per line; only each node's duration is read, so the whole
+    # profile (tens of MB on large models) is never held as Python objects.
+    # Its layout pass may add "_token_<n>" to a node's name.
     samples: dict[str, list[float]] = defaultdict(list)
-    for event in json.loads(profile.read_text()):
-        name = event.get("name", "")
-        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
-            samples[re.sub(r"_token_\d+$", "", name[: -len("_kernel_time")])].append(float(event["dur"]))
+    with profile.open() as lines:
+        for line in lines:
+            event = NODE_EVENT.search(line)
+            if event:
+                samples[re.sub(r"_token_\d+$", "", event.group(2))].append(float(event.group(1)))
     return {node: statistics.median(times[WARMUP_RUNS:] or times) for node, times in samples.items()}

@@ -167,7 +167,7 @@ def _keep_faster_islands(
             store(variant)
         return variant, store.stored
 
-    reference = backend.lower(quantize.float_model())
+    reference = quantize.float_model()  # lowered for each timing, so no fp32 proto is held beside the sessions
     lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
     slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:

@@ -272,7 +272,7 @@ def collect(
     float reference later checks compare against), one array per output.
     """
     proto, readers = _instrumented(model, observers)
-    session = runtime.make_session(proto)
+    session = runtime.make_session(proto, options=runtime.session_options(many_outputs=True))
     del proto  # as large as the model; onnxruntime has its own copy
     names = [output.name for output in session.get_outputs()]
     model_outputs = [output.name for output in model.graph.outputs]

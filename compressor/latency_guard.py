@@ -86,7 +86,7 @@ class LatencyGuard:
 
     def __call__(
         self,
-        reference: onnx.ModelProto,
+        reference: ir.Model | onnx.ModelProto,
         current: onnx.ModelProto,
         build: Callable[[frozenset[str]], onnx.ModelProto],
         islands: list[frozenset[str]],
@@ -109,6 +109,6 @@ class LatencyGuard:
             self.speedup = fp32_ms / current_ms
         return chosen
 
-    def _time(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
+    def _time(self, models: list[ir.Model | onnx.ModelProto], runs: int | None = None) -> list[float]:
         timings = self.backend.latency(models, self.feeds, runs=runs, seconds=self.seconds)
         return [latency.median_ms for latency in timings]

@@ -77,12 +77,16 @@ def random_feeds(specs: Sequence[InputSpec], batch: int, seed: int) -> dict[str,
 
 
 def session_options(
-    threads: int = DEFAULT_THREADS, *, spinning: bool = True, optimize: bool = True
+    threads: int = DEFAULT_THREADS, *, spinning: bool = True, optimize: bool = True, many_outputs: bool = False
 ) -> ort.SessionOptions:
     """Session options with a fixed thread count.
 
     Turn ``spinning`` off when two sessions are alive on few cores: the idle
     session's spinning threads otherwise steal the cores from the busy one.
+    ``many_outputs`` is for instrumented models (calibration, sensitivity) whose
+    intermediate tensors are read out: onnxruntime's memory pattern plans one block
+    for them all, and without it the sensitivity model of EfficientNet-Lite0 peaked
+    57 MB lower at the same speed.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -92,6 +96,8 @@ def session_options(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if many_outputs:
+        options.enable_mem_pattern = False
     return options
 
 

@@ -83,7 +83,7 @@ def layer_sensitivity(
     float_model = _as_ir(model)
     stats = stats or calibrate(float_model.clone(), dataset, config)
     twins, pairs = _with_quantized_twins(float_model, config, stats)
-    session = runtime.make_session(twins)
+    session = runtime.make_session(twins, options=runtime.session_options(many_outputs=True))
     del twins  # as large as the model; onnxruntime has its own copy
     names = [output.name for output in session.get_outputs()]
     signal = dict.fromkeys(pairs, 0.0)
