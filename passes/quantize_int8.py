@@ -126,7 +126,7 @@ class CalibrationStats:
 
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
-# The float model comes serialized: the chooser builds its variants from it without another copy.
+# The float model is a clone sharing its tensors: the chooser builds its variants by cloning it again.
 FloatChooser = Callable[[ir.Model, CalibrationStats, QuantizeInt8Config], Mapping[str, str]]
 
 
