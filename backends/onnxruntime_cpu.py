@@ -4,7 +4,7 @@ fp32 models are handed over with only the deployment trim (`compact`);
 onnxruntime's own graph optimisations do the rest. Quantized (QDQ) models are
 lowered to fused integer operators (QLinearConv with the activation folded into
 its output range, QLinearAdd, QLinearGlobalAveragePool, QLinearConcat, QGemm,
-integer MaxPool/Reshape), the form that runs fastest here: stride-2 stems on few
+integer MaxPool/Reshape/Split), the form that runs fastest here: stride-2 stems on few
 channels are folded by space-to-depth first, single-channel stems run as
 depthwise convs, and on CPUs with AMX each conv takes whichever of MLAS's two
 int8 paths profiles faster. Scales and biases are stored in the narrowest type

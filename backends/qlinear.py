@@ -230,6 +230,20 @@ def lower_same_params(graph: ir.Graph, node: ir.Node) -> None:
     _replace(graph, found, [new])
 
 
+def lower_split(graph: ir.Graph, node: ir.Node) -> None:
+    """Split runs on the integer tensor when every output is quantized with the input's params."""
+    source = dequantized(node.inputs[0])
+    quantizes = [_sole_consumer(output) for output in node.outputs]
+    if any(q.op_type != "QuantizeLinear" for q in quantizes):
+        raise Rejection("an output is not quantized")
+    for quantize in quantizes:
+        _check_same_params(source, Quantized(quantize.outputs[0], quantize.inputs[1], quantize.inputs[2]))
+    new = ir.Node(node.domain, node.op_type, [source.value, *node.inputs[1:]], attributes=_attributes(node),
+                  num_outputs=len(node.outputs), name=node.name)  # fmt: skip
+    old_outputs = [q.outputs[0] for q in quantizes]
+    ir.convenience.replace_nodes_and_values(graph, quantizes[-1], [node, *quantizes], [new], old_outputs, new.outputs)
+
+
 def lower_pad(graph: ir.Graph, node: ir.Node) -> None:
     """A constant-mode Pad runs on the integer tensor with the zero point as its pad value."""
     mode = node.attributes["mode"].as_string() if "mode" in node.attributes else "constant"
@@ -262,6 +276,7 @@ RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
     "GlobalAveragePool": lower_global_average_pool,
     "AveragePool": lower_average_pool,
     "Concat": lower_concat,
+    "Split": lower_split,
     **{op: lower_same_params for op in SAME_PARAMS_OPS},
 }
 

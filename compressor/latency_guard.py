@@ -1,13 +1,15 @@
 """Measured float fallback: an int8 island stays int8 only if the backend runs the model faster that way.
 
 An *island* is a set of quantized nodes that hand integer tensors to each other
-(in the QDQ graph: ``A -> [Relu|Clip] -> Q -> DQ -> B`` joins A and B). Where
-int8 kernels are no faster than float ones (tiny images, depthwise layers, graphs
-whose layout changes cost more than the integer math saves) quantizing an island
-can slow the model down. `LatencyGuard` times the lowered int8 model against the
-fp32 one on the backend; while int8 is not faster, it tries each island in float
-(largest first) and keeps the change when the model gets faster, as measured
-side by side, interleaved.
+(in the QDQ graph: ``A -> [Relu|Clip] -> Q -> DQ -> B`` joins A and B); each
+branch out of a Split starts a new island, so one block of a multi-branch net
+can go back to float on its own. Where int8 kernels are no faster than float
+ones (tiny images, depthwise layers, graphs whose layout changes cost more than
+the integer math saves) quantizing an island can slow the model down.
+`LatencyGuard` times the lowered int8 model against the fp32 one on the backend;
+while int8 is not faster, it tries each island in float (largest first) and
+keeps the change when the model gets faster, as measured side by side,
+interleaved.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def int8_islands(model: ir.Model) -> list[frozenset[str]]:
     graph = nx.Graph()
     graph.add_nodes_from(node.name for node in members.values())
     for node in members.values():
+        if node.op_type == "Split":
+            continue  # each branch starts an island, so one block of a multi-branch net can go float alone
         for successor in _integer_successors(node):
             if id(successor) in members:
                 graph.add_edge(node.name, successor.name)

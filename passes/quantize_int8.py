@@ -40,7 +40,7 @@ from compressor.quant_params import QuantParams, WeightMemo, activation_params, 
 
 COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
-PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad"})
+PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Split"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
@@ -322,8 +322,9 @@ class _Plan:
         for node in quantized:
             if node.op_type in PASS_THROUGH_OPS and node.inputs[0].name in tensors:
                 chosen.add(id(node))
-                shared[node.outputs[0].name] = shared.get(node.inputs[0].name, node.inputs[0].name)
-                tensors[node.outputs[0].name] = node.outputs[0]
+                for output in node.outputs:  # Split has several
+                    shared[output.name] = shared.get(node.inputs[0].name, node.inputs[0].name)
+                    tensors[output.name] = output
         quantized = [n for n in quantized if id(n) in chosen]
         return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped)
 

@@ -73,6 +73,40 @@ def test_islands_split_where_a_float_op_sits(calib: Path) -> None:
     assert int8_islands(model) == [frozenset({"conv2", "pool2", "conv3"}), frozenset({"conv0", "conv1"})]
 
 
+def branch_model() -> onnx.ModelProto:
+    """conv0 -> relu -> Split -> (conv_a, conv_b) -> Concat -> conv_c: a block with two branches."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(-0.5, 0.5, (8, 3, 3, 3)).astype(np.float32), "w0")]
+    inits += [numpy_helper.from_array(rng.uniform(-0.5, 0.5, (4, 4, 3, 3)).astype(np.float32), f"w_{b}") for b in "ab"]
+    inits += [numpy_helper.from_array(rng.uniform(-0.5, 0.5, (8, 8, 1, 1)).astype(np.float32), "w_c")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Split", ["r0"], ["s_a", "s_b"], name="split", axis=1, num_outputs=2),
+        *[helper.make_node("Conv", [f"s_{b}", f"w_{b}"], [f"c_{b}"], name=f"conv_{b}", pads=[1] * 4) for b in "ab"],
+        helper.make_node("Concat", ["c_a", "c_b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w_c"], ["output"], name="conv_c"),
+    ]
+    graph = helper.make_graph(
+        nodes, "branches",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8, 16, 16])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def test_each_branch_of_a_split_starts_an_island(calib: Path) -> None:
+    proto = branch_model()
+    model, quantize = quantized(proto, calib)
+    islands = int8_islands(model)
+    assert islands == [frozenset({"conv_a", "conv_b", "concat", "conv_c"}), frozenset({"conv0", "split"})]
+    x = random_input((8, 3, 16, 16), seed=2)
+    reference = run_onnx(proto, {"input": x})[0]
+    for island in islands:  # either side in float still quantizes the other from calibrated ranges
+        lowered = OnnxruntimeCPU().lower(quantize.variant(island))
+        assert sqnr_db(reference, run_onnx(lowered, {"input": x})[0]) > 25.0
+
+
 def test_variant_puts_exactly_the_island_back_in_float(calib: Path) -> None:
     proto = two_island_model()
     model, quantize = quantized(proto, calib)

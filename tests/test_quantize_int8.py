@@ -272,6 +272,42 @@ def test_constant_pad_runs_on_the_integer_tensor(small_calib: Path) -> None:
     assert sqnr_db(logits(cir.to_proto(model), x), logits(fused, x)) > 40
 
 
+def split_model() -> onnx.ModelProto:
+    """`conv_bn_model` with relu1's channels split in two halves and concatenated back swapped."""
+    proto = conv_bn_model(identity=False)
+    conv2 = next(n for n in proto.graph.node if n.name == "conv2")
+    at = list(proto.graph.node).index(conv2)
+    proto.graph.node.insert(at, helper.make_node("Concat", ["hi", "lo"], ["swapped"], name="concat", axis=1))
+    proto.graph.node.insert(at, helper.make_node("Split", ["r1"], ["lo", "hi"], name="split", axis=1, num_outputs=2))
+    conv2.input[0] = "swapped"
+    proto.opset_import[0].version = 18
+    return proto
+
+
+def test_split_runs_on_the_integer_tensor(small_calib: Path) -> None:
+    model = imported(split_model())
+    quantize(model, small_calib, replace(BASE, min_sqnr_db=None))
+    qdq = cir.to_proto(model)
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    split = next(n for n in qdq.graph.node if n.op_type == "Split")
+    source = next(n for n in qdq.graph.node if n.output[0] == split.input[0])
+    assert source.op_type == "DequantizeLinear"
+    halves = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in split.output]
+    assert len(halves) == 2
+    for half in halves:  # the halves share the split input's params, so the integer Split is exact
+        assert constants[half.input[1]] == constants[source.input[1]]
+        assert constants[half.input[2]] == constants[source.input[2]]
+    backend = get_backend("cpu")
+    fused = backend.lower(model)
+    split = next(n for n in fused.graph.node if n.op_type == "Split")
+    producer = next(n for n in fused.graph.node if split.input[0] in n.output)
+    assert producer.op_type == "QLinearConv" and backend.rejected == {}
+    assert "DequantizeLinear" not in {n.op_type for n in fused.graph.node}
+    x = random_input((8, 3, 8, 8), seed=3)
+    assert sqnr_db(logits(qdq, x), logits(fused, x)) > 40
+    assert sqnr_db(logits(split_model(), x), logits(fused, x)) > 25
+
+
 def test_qdq_format_is_kept_on_request(small_calib: Path) -> None:
     model = imported(conv_bn_model())
     quantize(model, small_calib)
