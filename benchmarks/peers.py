@@ -263,12 +263,12 @@ def svd_gemm_conv(model: ZooModel, out_path: Path) -> Path:
 # ---------------------------------------------------------------- ours
 
 
-def _ours(model: ZooModel, out_path: Path, target: str) -> Path:
+def _ours(model: ZooModel, out_path: Path, target: str, **options: object) -> Path:
     from compressor import compress
     from compressor.errors import UsageError
 
     try:
-        result = compress(model.onnx_path, target=target, calib=model.calib_path, measure_latency=False)
+        result = compress(model.onnx_path, target=target, calib=model.calib_path, measure_latency=False, **options)
     except UsageError as exc:
         if "not implemented" in str(exc):
             raise NotApplicable(str(exc)) from None
@@ -285,3 +285,11 @@ def ours_fp32(model: ZooModel, out_path: Path) -> Path:
 def ours_int8(model: ZooModel, out_path: Path) -> Path:
     """`compressor.compress(target="int8")`; not applicable while the API refuses it."""
     return _ours(model, out_path, "int8")
+
+
+def ours_int8_unsearched(model: ZooModel, out_path: Path) -> Path:
+    """int8 without the mixed-precision search or the latency guard (``--min-sqnr 0 --keep-slow-int8``).
+
+    The quantizer alone, for its compile time beside ``quantize_static``'s and for what the two steps buy.
+    """
+    return _ours(model, out_path, "int8", latency_guard=False, int8={"min_sqnr_db": None})
