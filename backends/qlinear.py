@@ -35,6 +35,11 @@ class Quantized:
     scale: ir.Value
     zero_point: ir.Value
 
+    @classmethod
+    def made_by(cls, quantize: ir.Node) -> Quantized:
+        """The tensor a QuantizeLinear produces, with the params it quantizes with."""
+        return cls(quantize.outputs[0], quantize.inputs[1], quantize.inputs[2])
+
     def params(self) -> list[ir.Value]:
         return [self.value, self.scale, self.zero_point]
 
@@ -50,7 +55,7 @@ class Match:
 
     @property
     def output(self) -> Quantized:
-        return Quantized(self.quantize.outputs[0], self.quantize.inputs[1], self.quantize.inputs[2])
+        return Quantized.made_by(self.quantize)
 
     def old_nodes(self) -> list[ir.Node]:
         return [n for n in (self.node, self.activation, self.quantize) if n is not None]
@@ -237,7 +242,7 @@ def lower_split(graph: ir.Graph, node: ir.Node) -> None:
     if any(q.op_type != "QuantizeLinear" for q in quantizes):
         raise Rejection("an output is not quantized")
     for quantize in quantizes:
-        _check_same_params(source, Quantized(quantize.outputs[0], quantize.inputs[1], quantize.inputs[2]))
+        _check_same_params(source, Quantized.made_by(quantize))
     new = ir.Node(node.domain, node.op_type, [source.value, *node.inputs[1:]], attributes=_attributes(node),
                   num_outputs=len(node.outputs), name=node.name)  # fmt: skip
     old_outputs = [q.outputs[0] for q in quantizes]
