@@ -61,11 +61,18 @@ class Backend(abc.ABC):
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         """The ONNX model this backend should execute for ``model``."""
 
+    def executable(self, model: ir.Model) -> ir.Model | onnx.ModelProto:
+        """What a session runs for ``model``: its lowering, unless lowering would change nothing that runs.
+
+        Backends override this to hand such a model over as it is, with no serialized copy beside the session.
+        """
+        return self.lower(model)
+
     def session(self, model: ir.Model | onnx.ModelProto, *, spinning: bool = True) -> ort.InferenceSession:
         """An inference session with this backend's providers and thread count."""
-        proto = self.lower(model) if isinstance(model, ir.Model) else model
+        runnable = self.executable(model) if isinstance(model, ir.Model) else model
         options = runtime.session_options(self.threads, spinning=spinning)
-        return runtime.make_session(proto, self.providers, options)
+        return runtime.make_session(runnable, self.providers, options)
 
     def run(self, session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run ``session`` on ``feeds`` (extra feeds are ignored)."""

@@ -64,9 +64,14 @@ class OnnxruntimeCPU(Backend):
     def dequantizes_weights_at_load(self) -> bool:
         return not self.qdq  # `qlinear._fold_dequantized_constants`
 
+    def executable(self, model: ir.Model) -> ir.Model | onnx.ModelProto:
+        # The float and QDQ lowerings only serialize and trim: the model runs as it is, and the
+        # rewrites recorded for the int8 model the caller lowered last stay that model's.
+        return model if self._keeps_form(model) else self.lower(model)
+
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         self.rewrites = {}
-        if self.qdq or not any(node.op_type == "DequantizeLinear" for node in model.graph):
+        if self._keeps_form(model):
             return to_proto(model)
         working = ir.serde.deserialize_model(cir.to_proto(model))
         stems = space_to_depth_stems(working.graph)
@@ -82,6 +87,9 @@ class OnnxruntimeCPU(Backend):
         self.rewrites = {"space_to_depth_stem": stems, "depthwise_stem": depthwise, "conv_on_gemm_path": gemm,
                          "narrow_storage": narrowed}  # fmt: skip
         return compacted
+
+    def _keeps_form(self, model: ir.Model) -> bool:
+        return self.qdq or not any(node.op_type == "DequantizeLinear" for node in model.graph)
 
 
 def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:

@@ -184,6 +184,21 @@ def test_folded_stem_is_not_reported_as_left_in_float(tmp_path: Path) -> None:
     assert not [node for node in backend.rejected if "s2d" in node], backend.rejected
 
 
+def test_float_session_keeps_the_int8_lowerings_record(tmp_path: Path) -> None:
+    """The latency guard times the float model after lowering the int8 one; the report lists the latter's rewrites."""
+    proto = stem_model(3, 7, 2, [3, 3, 3, 3], 32, 32)
+    model = quantized(proto, tmp_path)
+    backend = get_backend("cpu")
+    backend.lower(model)
+    rewrites = dict(backend.rewrites)
+    float_model = ir.serde.deserialize_model(proto)
+    assert backend.executable(float_model) is float_model, "a float model runs as it is, with no serialized copy"
+    feeds = {"input": random_input((1, 3, 32, 32), seed=2)}
+    expected = runtime.run(runtime.make_session(proto), feeds)[0]
+    np.testing.assert_allclose(backend.run(backend.session(float_model), feeds)[0], expected, rtol=1e-5, atol=1e-5)
+    assert backend.rewrites == rewrites and rewrites["space_to_depth_stem"] == ["stem"]
+
+
 def test_conv_left_in_qdq_form_reads_constant_float_weights(tmp_path: Path) -> None:
     proto = stem_model(8, 3, 1, [1, 1, 1, 1], 16, 16)
     proto.graph.initializer.append(numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "b2"))
