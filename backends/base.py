@@ -8,6 +8,7 @@ context only names one.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -68,8 +69,10 @@ class Backend(abc.ABC):
         """
         return self.lower(model)
 
-    def session(self, model: ir.Model | onnx.ModelProto, *, spinning: bool = True) -> ort.InferenceSession:
-        """An inference session with this backend's providers and thread count."""
+    def session(
+        self, model: ir.Model | onnx.ModelProto | str | os.PathLike, *, spinning: bool = True
+    ) -> ort.InferenceSession:
+        """An inference session with this backend's providers and thread count (a path: a model file as it is)."""
         runnable = self.executable(model) if isinstance(model, ir.Model) else model
         options = runtime.session_options(self.threads, spinning=spinning)
         return runtime.make_session(runnable, self.providers, options)
@@ -80,7 +83,7 @@ class Backend(abc.ABC):
 
     def latency(
         self,
-        models: Sequence[ir.Model | onnx.ModelProto],
+        models: Sequence[ir.Model | onnx.ModelProto | str | os.PathLike],
         feeds: Mapping[str, np.ndarray],
         runs: int | None = None,
         seconds: float = 1.0,

@@ -215,24 +215,17 @@ def _dataset(
 
 
 class _Original:
-    """The model as given: size and cost measured on entry, the model itself read again only if a session needs it.
+    """The model as given: size and cost measured on entry, and what a session on it runs.
 
-    A file input is not held through every pass: the report often needs no session on it (latency
-    off, reference outputs kept by calibration).
+    A file input is not held through every pass: onnxruntime reads the file again if the report needs it.
     """
 
-    __slots__ = ("_path", "_proto", "cost", "size")
+    __slots__ = ("cost", "runnable", "size")
 
     def __init__(self, model: str | os.PathLike | ir.Model | onnx.ModelProto, working: ir.Model) -> None:
         proto = cir.to_proto(working)
         self.size, self.cost = model_size_bytes(proto), compute_cost(proto)
-        self._path = Path(model) if isinstance(model, (str, os.PathLike)) else None
-        self._proto = None if self._path is not None else proto
-
-    def proto(self) -> onnx.ModelProto:
-        if self._proto is None:
-            self._proto = onnx.load(str(self._path))  # checked on entry (external data included)
-        return self._proto
+        self.runnable: str | onnx.ModelProto = str(model) if isinstance(model, (str, os.PathLike)) else proto
 
 
 def _measure(
@@ -261,7 +254,7 @@ def _measure(
     data = context.evaluation or context.calibration
     if measure_latency:
         feeds = data.first_batch(1) if data is not None else runtime.random_feeds(specs, 1, context.seed)
-        fp32_latency, new_latency = backend.latency([original.proto(), lowered], feeds)
+        fp32_latency, new_latency = backend.latency([original.runnable, lowered], feeds)
         label = f"latency (batch 1, {backend.threads} threads, median)"
         report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
     _measure_fidelity(report, original, lowered, backend, context, specs, known)
@@ -284,7 +277,7 @@ def _measure_fidelity(
         source = "eval" if context.evaluation is not None else "calib"
         if source == "calib" and known and len(known[0]) >= limit:
             reference_logits.append(known[0][:limit])  # calibration already ran the float model on these
-        reference_session = None if reference_logits else backend.session(original.proto())
+        reference_session = None if reference_logits else backend.session(original.runnable)
         for batch in data.batches(batch_size=data.batch_size_for(FIDELITY_BATCH_ELEMENTS, 32), limit=limit):
             if reference_session is not None:
                 reference_logits.append(backend.run(reference_session, batch.feeds)[0])
@@ -294,7 +287,7 @@ def _measure_fidelity(
     else:
         source = "random"
         feeds = runtime.random_feeds(specs, 32, context.seed)
-        reference_logits.append(backend.run(backend.session(original.proto()), feeds)[0])
+        reference_logits.append(backend.run(backend.session(original.runnable), feeds)[0])
         logits.append(backend.run(session, feeds)[0])
     reference, output = np.concatenate(reference_logits), np.concatenate(logits)
     report.evaluation = {"source": source, "samples": int(reference.shape[0])}
