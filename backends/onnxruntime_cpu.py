@@ -62,7 +62,7 @@ class OnnxruntimeCPU(Backend):
 
     @property
     def dequantizes_weights_at_load(self) -> bool:
-        return not self.qdq  # `qlinear._fold_dequantized_constants`
+        return not self.qdq  # `float_fallback.run_in_float`
 
     def executable(self, model: ir.Model) -> ir.Model | onnx.ModelProto:
         # The float and QDQ lowerings only serialize and trim: the model runs as it is, and the

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compressor import ir as cir
+from compressor.backends.float_fallback import run_in_float
 
 MS_DOMAIN = "com.microsoft"
 SAME_PARAMS_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -89,7 +89,9 @@ def match(node: ir.Node, activation_inputs: list[int]) -> Match:
 
 def _sole_consumer(value: ir.Value) -> ir.Node:
     uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
+    if value.is_graph_output():
+        raise Rejection(f"{value.name} is a float graph output")
+    if len(uses) != 1:
         raise Rejection(f"{value.name} has {len(uses)} consumers")
     return uses[0].node
 
@@ -193,6 +195,10 @@ def _gemm_attributes(node: ir.Node) -> list[ir.Attr]:
     return [a for a in _attributes(node) if a.name in ("transA", "transB", "alpha")]
 
 
+def lower_conv_transpose(graph: ir.Graph, node: ir.Node) -> None:
+    raise Rejection("onnxruntime's CPU provider has no int8 ConvTranspose: runs in float on its int8 weights")
+
+
 def lower_add(graph: ir.Graph, node: ir.Node) -> None:
     found = match(node, [0, 1])
     a, b = found.inputs
@@ -275,6 +281,7 @@ def _check_same_params(source: Quantized, target: Quantized) -> None:
 RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
     "Pad": lower_pad,
     "Conv": lower_conv,
+    "ConvTranspose": lower_conv_transpose,
     "MatMul": lower_matmul,
     "Gemm": lower_matmul,
     "Add": lower_add,
@@ -286,44 +293,7 @@ RULES: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
 }
 
 
-WEIGHTED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-
-
-def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
-    """Give ``node`` its dequantized weight and bias (inputs 1 and 2) as constants onnxruntime folds at load.
-
-    With a zero zero point the integers stay stored as they are, behind
-    ``Cast`` and ``Mul`` by the scale: onnxruntime's constant folding computes
-    the float tensor when it builds the session (it never folds
-    DequantizeLinear, whose QDQ fusions need to see it), and a Cast then Mul
-    in float32 computes what DequantizeLinear does, to the bit. Otherwise the
-    float tensor itself is stored.
-    """
-    names = cir.UniqueNames(graph)
-    for index in (1, 2):
-        value = node.inputs[index] if len(node.inputs) > index else None
-        producer = value.producer() if value is not None else None
-        if producer is None or producer.op_type != "DequantizeLinear":
-            continue
-        q, scale, zero = (ir.convenience.get_const_tensor(v) if v is not None else None for v in producer.inputs[:3])
-        if q is None or scale is None or zero is None:
-            continue
-        axis = producer.attributes["axis"].as_int() if "axis" in producer.attributes else 1
-        shape = [1] * len(q.shape)
-        if scale.numpy().ndim:
-            shape[axis % len(q.shape)] = -1
-        role = "weight" if index == 1 else "bias"
-        scale_array = scale.numpy().astype(np.float32).reshape(shape)
-        if np.any(zero.numpy()):
-            steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)
-            dequantized = cir.add_initializer(graph, f"{node.name}_{role}_dequantized", steps * scale_array, names)
-        else:
-            cast = ir.Node("", "Cast", [producer.inputs[0]], attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))])
-            broadcast_scale = cir.add_initializer(graph, f"{node.name}_{role}_step", scale_array, names)
-            mul = ir.Node("", "Mul", [cast.outputs[0], broadcast_scale])
-            graph.insert_before(node, [cast, mul])
-            dequantized = mul.outputs[0]
-        node.replace_input_with(index, dequantized)
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _reads_dequantized(node: ir.Node) -> bool:
@@ -334,10 +304,8 @@ def _reads_dequantized(node: ir.Node) -> bool:
 def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
     """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form.
 
-    A Conv, Gemm or MatMul that stays in QDQ form gets its dequantized weight
-    and bias as constants (the same values; `_fold_dequantized_constants`):
-    onnxruntime fuses and re-lays out only constant-weight convs, and ran a
-    1x1 conv at 112x112 with dequantized weights 3x slower than with constant ones.
+    A Conv, ConvTranspose, Gemm or MatMul that stays in QDQ form runs in float
+    on its int8 weights (`run_in_float`).
     """
     rejected: dict[str, str] = {}
     for node in list(model.graph):
@@ -349,7 +317,7 @@ def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
         except Rejection as why:
             rejected[node.name or node.op_type] = str(why)
             if node.op_type in WEIGHTED_OPS:
-                _fold_dequantized_constants(model.graph, node)
+                run_in_float(model.graph, node)
     if any(node.domain == MS_DOMAIN for node in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     RemoveUnusedNodesPass()(model)

@@ -226,6 +226,26 @@ def test_conv_left_in_qdq_form_reads_constant_float_weights(tmp_path: Path) -> N
     np.testing.assert_allclose(outputs(lowered, x), outputs(qdq, x), rtol=1e-5, atol=1e-5)
 
 
+def test_float_conv_between_int8_ops_keeps_its_per_channel_weights(tmp_path: Path) -> None:
+    """onnxruntime's WeightBiasQuantization would quantize again, per tensor, the weights of a float conv read
+    through a per-tensor DequantizeLinear and feeding a QuantizeLinear; the lowering keeps the conv out of it."""
+    proto = stem_model(3, 3, 1, [1, 1, 1, 1], 16, 16)
+    model = ir.serde.deserialize_model(proto)
+    Pipeline(import_passes()).run(model, PassContext())
+    np.savez(tmp_path / "calib.npz", x=random_input((16, 3, 16, 16), seed=1))
+    data = Dataset(tmp_path / "calib.npz", runtime.input_specs(model))
+    config = QuantizeInt8Config(weights="asymmetric", bias_correction=False)  # no QLinearConv for these weights
+    Pipeline([QuantizeInt8(config)]).run(model, PassContext(calibration=data))
+    backend = get_backend("cpu")
+    lowered = backend.lower(model)
+    assert "asymmetric" in backend.rejected["stem"]
+    feeds = {"input": random_input((4, 3, 16, 16), seed=2)}
+    as_written = ort.InferenceSession(
+        lowered.SerializeToString(), providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"]
+    ).run(None, feeds)[0]
+    np.testing.assert_allclose(outputs(lowered, feeds["input"]), as_written, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("channels", "kernel", "pads"),
     [(1, 3, [1, 1, 1, 1]), (1, 5, [2, 1, 2, 1]), (3, 3, [1, 1, 1, 1])],
