@@ -137,15 +137,21 @@ def output_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarr
 
 
 def weight_channel_axis(node: ir.Node, ndim: int) -> int:
-    """The output-channel axis of the weight: 0 for Conv and Gemm(transB=1), else the last."""
+    """The output-channel axis of the weight: 0 for Conv and Gemm(transB=1), 1 for ConvTranspose, else the last.
+
+    A grouped ConvTranspose's weight is [C_in, C_out / group, k...]: its axis 1 holds one group's channels.
+    """
     if node.op_type == "Conv":
         return 0
+    if node.op_type == "ConvTranspose":
+        return 1
     if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int():
         return 0
     return ndim - 1
 
 
 INT32_LIMIT = 2**31 - 1
+BIAS_CORRECTED_OPS = frozenset({"Conv", "Gemm"})  # ops whose output shift `output_shift` can compute
 
 
 WeightMemo = dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]
@@ -178,6 +184,8 @@ def quantize_node_weights(
         bias_array = (np.zeros(len(shift)) if bias_array is None else bias_array) - shift
     if bias_array is None:
         return None
+    if node.op_type == "ConvTranspose" and scale.ndim and "group" in node.attributes:
+        scale = np.tile(scale, node.attributes["group"].as_int())  # weight axis 1 repeats for every group
     bias_scale = (np.float64(np.float32(input_params.scale)) * scale.astype(np.float64)).astype(np.float32)
     bias_scale = np.broadcast_to(bias_scale, bias_array.shape).astype(np.float32)
     bias_q = np.clip(np.round(bias_array / bias_scale.astype(np.float64)), -INT32_LIMIT, INT32_LIMIT).astype(np.int32)
@@ -235,7 +243,7 @@ def _quantized_weight(
     array = node.inputs[1].const_value.numpy().astype(np.float32)
     q, scale, zero = quantize_weight(array, axis, config)
     shift = None
-    if mean is not None and node.op_type in ("Conv", "Gemm"):
+    if mean is not None and node.op_type in BIAS_CORRECTED_OPS:
         shape = [1] * array.ndim
         shape[axis] = -1
         # float32 suffices: |q - zero| < 2^8 times a float16-exact scale (`half_exact`) is exact, sums run in float64.

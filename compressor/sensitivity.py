@@ -166,10 +166,19 @@ def _with_quantized_twins(
         for measured in (signal, noise, shape):
             measured.outputs[0].name = names.fresh(measured.name)
             graph.outputs.append(measured.outputs[0])
-        out_channels = weight.shape[weight_channel_axis(node, len(weight.shape))]
-        per_value = int(np.prod(weight.shape)) // int(out_channels)
-        pairs[node.name] = _TwinOutputs(signal.outputs[0].name, noise.outputs[0].name, shape.outputs[0].name, per_value)
+        pairs[node.name] = _TwinOutputs(
+            signal.outputs[0].name, noise.outputs[0].name, shape.outputs[0].name, _macs_per_output_value(node, weight)
+        )
     return copy, pairs
+
+
+def _macs_per_output_value(node: ir.Node, weight: ir.TensorProtocol) -> int:
+    per_value = int(np.prod(weight.shape)) // int(weight.shape[weight_channel_axis(node, len(weight.shape))])
+    if node.op_type == "ConvTranspose":  # each input value feeds C_out/group * k outputs: fewer per output
+        groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        strides = node.attributes["strides"].as_ints() if "strides" in node.attributes else [1]
+        per_value = max(1, per_value // (groups * int(np.prod(strides))))
+    return per_value
 
 
 class _Probe:

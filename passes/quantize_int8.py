@@ -36,12 +36,19 @@ from compressor.data import Samples
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
-from compressor.quant_params import QuantParams, WeightMemo, activation_params, quantize_node_weights
+from compressor.quant_params import (
+    BIAS_CORRECTED_OPS,
+    QuantParams,
+    WeightMemo,
+    activation_params,
+    quantize_node_weights,
+)
 
-COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
 PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Split"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
@@ -214,7 +221,7 @@ def calibrate(model: ir.Model, dataset: Samples, config: QuantizeInt8Config) -> 
     if config.bias_correction:
         for node in plan.compute:
             name = node.inputs[0].name
-            if name not in means:
+            if name not in means and node.op_type in BIAS_CORRECTED_OPS:
                 means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
     batch_size = dataset.batch_size_for(calibration.BATCH_INPUT_ELEMENTS, config.batch_size)
@@ -298,6 +305,8 @@ class _Plan:
         quantized, compute, skipped = [], [], {}
         for node in graph:
             if node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS:
+                if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
+                    skipped[node.name or node.op_type] = f"{node.op_type} has no int8 form here: runs in float"
                 continue
             reason = _why_float(node, config)
             if reason:
