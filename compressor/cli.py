@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 DEMO_FOLDER = Path("compressor-demo")
-LISTED_NAMES = 6  # names a lowering line lists before it counts the rest
+LISTED_NAMES = 6  # names a report line lists before it counts the rest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,17 +177,23 @@ def _main(argv: Sequence[str] | None) -> int:
         print(format_table(result.sensitivity, args.explain))
     if result.report.kept_float:
         print(f"left in float ({len(result.report.kept_float)}):")
+        by_reason: dict[str, list[str]] = {}
         for node, why in result.report.kept_float.items():
-            print(f"  {node}: {why}")
+            by_reason.setdefault(why, []).append(node)
+        for why, nodes in by_reason.items():
+            print(f"  {_listed(nodes)}: {why}")
     for rewrite, nodes in result.report.lowering.items():
-        more = len(nodes) - LISTED_NAMES
-        listed = ", ".join(nodes[:LISTED_NAMES]) + (f", ... {more} more" if more > 0 else "")
-        print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {listed}")
+        print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {_listed(nodes)}")
     print(f"wrote {output}")
     if args.report:
         result.report.write_json(args.report)
         print(f"wrote {args.report}")
     return 0
+
+
+def _listed(names: list[str]) -> str:
+    more = len(names) - LISTED_NAMES
+    return ", ".join(names[:LISTED_NAMES]) + (f", ... {more} more" if more > 0 else "")
 
 
 def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -49,6 +49,7 @@ ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"
 PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Split"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
+INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL})
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
@@ -308,6 +309,8 @@ class _Plan:
                 if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
                     skipped[node.name or node.op_type] = f"{node.op_type} has no int8 form here: runs in float"
                 continue
+            if node.inputs and node.inputs[0] is not None and node.inputs[0].dtype in INTEGER_TYPES:
+                continue  # shape arithmetic (Concat, Reshape... of int64 dims): nothing to quantize or report
             reason = _why_float(node, config)
             if reason:
                 skipped[node.name or node.op_type] = reason

@@ -369,3 +369,10 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("compress: error:"), (argv, proc.stderr)
         assert proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "model.onnx"]
+
+
+def test_nodes_left_in_float_are_grouped_by_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--demo", "--target", "int8", "--no-latency", "--keep-slow-int8", "-o", tmp_path / "d.onnx"]
+    code, out, err = run_cli([*argv, "--keep-float", "node_Conv_88", "node_Conv_90"], capsys)
+    assert code == 0, err
+    assert "  node_Conv_88, node_Conv_90: kept in float by configuration\n" in out

@@ -351,6 +351,33 @@ class TestBadInput:
         assert sqnr_db(reference, logits(model, x)) > 25
         assert sqnr_db(reference, logits(get_backend("cpu").lower(model), x)) > 25
 
+    def test_shape_arithmetic_is_neither_quantized_nor_reported(self, small_calib: Path) -> None:
+        """A torch-style flatten computes its target shape with int64 Concat/Unsqueeze: not float work."""
+        proto = conv_bn_model(identity=False)
+        nodes = list(proto.graph.node)
+        at = next(i for i, n in enumerate(nodes) if n.op_type == "Flatten")
+        source, target = nodes[at].input[0], nodes[at].output[0]
+        proto.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+                                        for n, v in (("zero", [0]), ("rest", [-1]))])  # fmt: skip
+        nodes[at : at + 1] = [
+            helper.make_node("Shape", [source], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+            helper.make_node("Concat", ["batch", "rest"], ["dims"], name="dims", axis=0),
+            helper.make_node("Reshape", [source, "dims"], [target], name="flatten"),
+        ]
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        model = imported(onnx.shape_inference.infer_shapes(proto))
+        x = random_input((16, 3, 8, 8), seed=2)
+        reference = logits(model, x)
+        quantizer = quantize(model, small_calib)
+        assert quantizer.skipped == {}
+        flattened = imported(conv_bn_model(identity=False))
+        quantize(flattened, small_calib)
+        lowered = logits(get_backend("cpu").lower(model), x)
+        np.testing.assert_allclose(lowered, logits(get_backend("cpu").lower(flattened), x), rtol=1e-6, atol=1e-6)
+        assert sqnr_db(reference, lowered) > 20
+
     def test_old_opset_model_quantizes_per_channel(self, small_calib: Path) -> None:
         model = imported(conv_bn_model(opset=11))
         quantize(model, small_calib)
