@@ -297,6 +297,10 @@ class _Plan:
     tensors: dict[str, ir.Value]  # name -> value to quantize
     shared: dict[str, str]  # pass-through output -> input whose params it reuses
     skipped: dict[str, str]
+    # Ops with no int8 form (HardSwish, Sigmoid, Resize, Shape...) that read a quantized node's output
+    # through its DequantizeLinear, as every quantized consumer does: the producer then hands one
+    # integer tensor to all its consumers and runs as a fused integer op instead of staying float.
+    readers: set[int]
 
     def observed(self) -> list[str]:
         return [name for name in self.tensors if name not in self.shared]
@@ -320,7 +324,7 @@ class _Plan:
                 compute.append(node)
         tensors: dict[str, ir.Value] = {}
         shared: dict[str, str] = {}
-        chosen = set()
+        chosen, readers = set(), set()
         for node in quantized:
             if node.op_type in PASS_THROUGH_OPS:
                 continue
@@ -328,8 +332,13 @@ class _Plan:
             for value in _activation_inputs(node):
                 tensors.setdefault(value.name, value)
             output = _fused_output(node)
-            if any(_consumer_is_quantized(use, quantized) for use in output.uses()):
+            consumers = [use.node for use in output.uses()]
+            float_readers = [c for c in consumers if _has_no_int8_form(c, config)]
+            feeds_float_only = node.op_type in COMPUTE_OPS and consumers and len(float_readers) == len(consumers)
+            if any(_consumer_is_quantized(use, quantized) for use in output.uses()) or feeds_float_only:
                 tensors.setdefault(output.name, output)
+                if not output.is_graph_output():  # then the producer can run in int8: see `_Plan.readers`
+                    readers.update(id(c) for c in float_readers)
         # Pass-through ops run on the integer tensor only when their input is quantized.
         for node in quantized:
             if node.op_type in PASS_THROUGH_OPS and node.inputs[0].name in tensors:
@@ -338,7 +347,7 @@ class _Plan:
                     shared[output.name] = shared.get(node.inputs[0].name, node.inputs[0].name)
                     tensors[output.name] = output
         quantized = [n for n in quantized if id(n) in chosen]
-        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped)
+        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers)
 
 
 def _why_float(node: ir.Node, config: QuantizeInt8Config) -> str | None:
@@ -387,6 +396,10 @@ def _constant_clip(node: ir.Node) -> bool:
     )
 
 
+def _has_no_int8_form(node: ir.Node, config: QuantizeInt8Config) -> bool:
+    return node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS and node.name not in config.keep_float
+
+
 def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:
     return any(use.node is node for node in quantized)
 
@@ -402,7 +415,7 @@ def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams], na
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{name}_dequantize")
         dequantize.outputs[0].name = names.fresh(f"{name}_dequantized")
         for use in list(value.uses()):
-            if id(use.node) in quantized_ids:
+            if id(use.node) in quantized_ids or id(use.node) in plan.readers:
                 use.node.replace_input_with(use.idx, dequantize.outputs[0])
         producer = value.producer()
         if producer is None:

@@ -316,6 +316,42 @@ def test_qdq_format_is_kept_on_request(small_calib: Path) -> None:
     assert "QuantizeLinear" in {n.op_type for n in lowered.graph.node}
 
 
+def test_ops_with_no_int8_form_read_the_integer_output_dequantized(small_calib: Path) -> None:
+    """conv_a -> HardSwish -> conv_b, and Shape(conv_a): conv_a still runs as a QLinearConv."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.uniform(-0.5, 0.5, shape).astype(np.float32), name)
+             for name, shape in (("wa", (8, 3, 3, 3)), ("wb", (8, 8, 3, 3)))]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1] * 4),
+        helper.make_node("HardSwish", ["a"], ["h"], name="hardswish"),
+        helper.make_node("Shape", ["a"], ["a_shape"], name="shape"),
+        helper.make_node("Conv", ["h", "wb"], ["b"], name="conv_b", pads=[1] * 4),
+        helper.make_node("Reshape", ["b", "a_shape"], ["out"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "hardswish",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])], inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = imported(proto)
+    quantizer = quantize(model, small_calib)
+    assert quantizer.skipped == {"hardswish": "HardSwish has no int8 form here: runs in float"}
+    readers = {n.name: n.inputs[0].producer().op_type for n in model.graph if n.name in ("hardswish", "shape")}
+    assert readers == {"hardswish": "DequantizeLinear", "shape": "DequantizeLinear"}
+    backend = get_backend("cpu")
+    lowered = backend.lower(model)
+    assert "conv_a" not in backend.rejected
+    assert next(n for n in lowered.graph.node if n.name == "conv_a").op_type == "QLinearConv"
+    x = random_input((16, 3, 8, 8), seed=2)
+    reference, qdq = logits(proto, x), logits(model, x)
+    assert sqnr_db(reference, qdq) > 25
+    assert sqnr_db(qdq, logits(lowered, x)) > 40
+    kept = imported(proto)
+    quantize(kept, small_calib, replace(BASE, keep_float=frozenset({"hardswish"})))
+    assert next(n for n in kept.graph if n.name == "hardswish").inputs[0].name == "a", "kept float: reads conv_a as is"
+
+
 class TestBadInput:
     def test_already_quantized_model_is_refused(self, small_calib: Path) -> None:
         model = imported(conv_bn_model())
