@@ -50,6 +50,7 @@ class Samples(abc.ABC):
 
     __slots__ = ()
     num_samples: int
+    fixed_batch: int | None  # the model's batch dimension where it is a number: each batch holds that many samples
 
     @property
     @abc.abstractmethod
@@ -70,11 +71,26 @@ class Samples(abc.ABC):
         Activation memory grows with the input size, so passes that expose many
         intermediate tensors size their batches by it (a 224x224 image is 150k values).
         """
+        if self.fixed_batch is not None:
+            return self.fixed_batch
         return max(1, min(cap, elements // max(self.sample_elements(), 1)))
 
     def first_batch(self, count: int) -> dict[str, np.ndarray]:
-        """Feeds of the first ``count`` samples (fewer if there are fewer)."""
+        """Feeds of the first ``count`` samples (fewer if there are fewer; a model's fixed batch if it has one)."""
+        count = self.fixed_batch or count
         return next(self.batches(batch_size=count, limit=count)).feeds
+
+    def _plan(self, batch_size: int, limit: int | None) -> tuple[int, int]:
+        """(batch size, samples to read) for `batches`: a model with a fixed batch dimension reads whole batches."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        total = self.num_samples if limit is None else min(limit, self.num_samples)
+        if self.fixed_batch is None:
+            return batch_size, total
+        if self.num_samples < self.fixed_batch:
+            raise DataError(f"the model's batch dimension is fixed at {self.fixed_batch}, and the data holds "
+                            f"{self.num_samples} samples; provide at least {self.fixed_batch}")  # fmt: skip
+        return self.fixed_batch, max(total - total % self.fixed_batch, self.fixed_batch)
 
     def validate(self) -> None:
         """Stream once through the data so bad values fail before any work starts (about 16 MB at a time)."""
@@ -85,10 +101,11 @@ class Samples(abc.ABC):
 class Dataset(Samples):
     """A validated ``.npz`` bound to a model's inputs, read lazily in batches."""
 
-    __slots__ = ("arrays", "labels", "num_samples", "path")
+    __slots__ = ("arrays", "fixed_batch", "labels", "num_samples", "path")
 
     def __init__(self, path: str | os.PathLike, specs: Sequence[InputSpec]) -> None:
         self.path = Path(path)
+        self.fixed_batch = fixed_batch(specs)
         headers = _read_headers(self.path)
         self.arrays = {spec.name: _match_input(self.path, headers, spec, len(specs)) for spec in specs}
         sizes = {info.shape[0] for info in self.arrays.values()}
@@ -107,9 +124,7 @@ class Dataset(Samples):
 
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
         """Yield batches in file order, checking every value is finite."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        total = self.num_samples if limit is None else min(limit, self.num_samples)
+        batch_size, total = self._plan(batch_size, limit)
         with zipfile.ZipFile(self.path) as archive:
             readers = {name: _RowReader(archive, info) for name, info in self.arrays.items()}
             label_reader = _RowReader(archive, self.labels) if self.labels is not None else None
@@ -123,6 +138,12 @@ class Dataset(Samples):
 
     def sample_elements(self) -> int:
         return sum(int(np.prod(info.shape[1:])) for info in self.arrays.values())
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The leading dimension the model's inputs fix (exported without a dynamic batch), or None."""
+    fixed = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)}
+    return fixed.pop() if len(fixed) == 1 else None
 
 
 class _RowReader:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from compressor.data import Batch, Samples
+from compressor.data import Batch, Samples, fixed_batch
 from compressor.errors import DataError, UsageError
 from compressor.runtime import InputSpec
 
@@ -73,13 +73,14 @@ class Preprocess:
 class ImageFolder(Samples):
     """The images below a folder, bound to a single-input image model."""
 
-    __slots__ = ("channels", "files", "labels", "num_samples", "path", "preprocess", "size", "spec")
+    __slots__ = ("channels", "files", "fixed_batch", "labels", "num_samples", "path", "preprocess", "size", "spec")
 
     def __init__(self, path: str | os.PathLike, specs: Sequence[InputSpec], preprocess: Preprocess) -> None:
         self.path, self.preprocess = Path(path), preprocess
         if len(specs) != 1:
             raise DataError(f"{self.path}: image folders feed single-input models; this one has {len(specs)} inputs")
         self.spec = specs[0]
+        self.fixed_batch = fixed_batch(specs)
         if len(self.spec.shape) != 4:
             raise DataError(f"{self.path}: the model input {self.spec.name} is not 4-D (N, C, H, W or N, H, W, C)")
         channel_axis, spatial = (1, (2, 3)) if preprocess.layout == "nchw" else (3, (1, 2))
@@ -116,9 +117,7 @@ class ImageFolder(Samples):
 
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
         """Decode and preprocess ``batch_size`` images at a time, in sorted path order."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        total = self.num_samples if limit is None else min(limit, self.num_samples)
+        batch_size, total = self._plan(batch_size, limit)
         for start in range(0, total, batch_size):
             chunk = self.files[start : start + batch_size][: total - start]
             pixels = np.stack([self._load(path) for path in chunk])

@@ -37,6 +37,19 @@ def test_batches_reproduce_the_arrays(tmp_path: Path, compressed: bool) -> None:
     np.testing.assert_array_equal(data.first_batch(5)["input"], x[:5])
 
 
+@pytest.mark.parametrize(("batch", "expected"), [(1, [1] * 10), (4, [4, 4])])
+def test_a_fixed_batch_dimension_sets_every_batch(tmp_path: Path, batch: int, expected: list[int]) -> None:
+    """A model exported without a dynamic batch takes exactly that many samples per run."""
+    x = images(10)
+    data = Dataset(write(tmp_path / "d.npz", x=x), [InputSpec("input", np.dtype(np.float32), (batch, 3, 16, 16))])
+    assert data.batch_size_for(2**22, 32) == batch
+    sizes = [b.feeds["input"].shape[0] for b in data.batches(batch_size=8)]
+    assert sizes == expected  # the 2 samples left over a whole batch of 4 are not run
+    np.testing.assert_array_equal(data.first_batch(1)["input"], x[:batch])
+    with pytest.raises(DataError, match=r"fixed at 16.*provide at least 16"):
+        Dataset(tmp_path / "d.npz", [InputSpec("input", np.dtype(np.float32), (16, 3, 16, 16))]).validate()
+
+
 def test_multi_input_models_use_one_key_per_input(tmp_path: Path) -> None:
     specs = [InputSpec("a", np.dtype(np.float32), ("N", 2)), InputSpec("b", np.dtype(np.int64), ("N",))]
     a, b = np.ones((5, 2), np.float32), np.arange(5, dtype=np.int64)

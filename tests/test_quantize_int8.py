@@ -12,7 +12,7 @@ import pytest
 from conftest import DEMO_ONNX, conv_bn_model, random_input
 from onnx import TensorProto, helper
 
-from compressor import calibration, runtime
+from compressor import calibration, compress, runtime
 from compressor import ir as cir
 from compressor.backends import get_backend
 from compressor.backends.compact import short_name
@@ -431,3 +431,16 @@ def test_variants_reuse_the_quantized_weights(small_calib: Path) -> None:
     again = quantizer.variant(frozenset())
     assert len(memo) == 3, "a variant quantized a weight again"
     assert cir.to_proto(again).SerializeToString() == cir.to_proto(model).SerializeToString()
+
+
+def test_model_with_a_fixed_batch_of_one_compresses(tmp_path: Path, small_calib: Path) -> None:
+    """torch.onnx.export without dynamic axes fixes the batch at the example's size; every run then takes one sample."""
+    proto = conv_bn_model()
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    source = tmp_path / "fixed.onnx"
+    onnx.save(proto, source)
+    result = compress(source, target="int8", calib=small_calib, latency_guard=False)
+    x = random_input((1, 3, 8, 8), seed=3)
+    assert sqnr_db(logits(proto, x), logits(result.lowered, x)) > 20
+    assert result.report.evaluation["samples"] == 32  # the report ran every calibration sample, one at a time
