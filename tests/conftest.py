@@ -95,6 +95,26 @@ def assert_close(reference: list[np.ndarray], test: list[np.ndarray], rtol: floa
         assert float(np.max(np.abs(ref - out))) <= bound
 
 
+def float_model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    shapes: tuple[list[int | str], list[int | str]],
+    opset: int = 17,
+    names: tuple[str, str] = ("input", "output"),
+) -> onnx.ModelProto:
+    """One float input and one float output of the given (input, output) shapes around ``nodes``."""
+    (source, target), (input_shape, output_shape) = names, shapes
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(source, TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info(target, TensorProto.FLOAT, output_shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
 def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 

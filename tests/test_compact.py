@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from conftest import DEMO_ONNX, random_input
-from onnx import TensorProto, helper, numpy_helper
+from conftest import DEMO_ONNX, float_model, random_input
+from onnx import helper, numpy_helper
 
 from compressor import compress, runtime
 from compressor import ir as cir
@@ -35,14 +35,7 @@ def model_with_float_gain() -> onnx.ModelProto:
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("Mul", ["r2", "gain_scale"], ["output"], name="gain"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "gain",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 12, 12])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4, 12, 12])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return float_model("gain", nodes, inits, (["batch", 3, 12, 12], ["batch", 4, 12, 12]))
 
 
 def lowered_untrimmed(proto: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import random_input
+from conftest import float_model, random_input
 from onnx import TensorProto, helper, numpy_helper
 from test_quantize_int8 import BASE, imported, logits, quantize
 
@@ -38,14 +38,7 @@ def decoder_model() -> onnx.ModelProto:
         helper.make_node("ConvTranspose", ["r2", "w3", "b3"], ["c3"], name="grouped_up", group=3, pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["c3", "w4"], ["output"], name="head"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "decoder",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4, 16, 16])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return float_model("decoder", nodes, inits, (["batch", 4, 16, 16], ["batch", 3, 16, 16]))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import random_input, run_onnx
+from conftest import float_model, random_input, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor import runtime
@@ -87,12 +87,7 @@ def branch_model() -> onnx.ModelProto:
         helper.make_node("Concat", ["c_a", "c_b"], ["cat"], name="concat", axis=1),
         helper.make_node("Conv", ["cat", "w_c"], ["output"], name="conv_c"),
     ]
-    graph = helper.make_graph(
-        nodes, "branches",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8, 16, 16])], inits,
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    return float_model("branches", nodes, inits, (["N", 3, 16, 16], ["N", 8, 16, 16]), opset=18)
 
 
 def test_each_branch_of_a_split_starts_an_island(calib: Path) -> None:

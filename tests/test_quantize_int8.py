@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import DEMO_ONNX, conv_bn_model, random_input
+from conftest import DEMO_ONNX, conv_bn_model, float_model, random_input
 from onnx import TensorProto, helper
 
 from compressor import calibration, compress, runtime
@@ -328,12 +328,7 @@ def test_ops_with_no_int8_form_read_the_integer_output_dequantized(small_calib: 
         helper.make_node("Conv", ["h", "wb"], ["b"], name="conv_b", pads=[1] * 4),
         helper.make_node("Reshape", ["b", "a_shape"], ["out"], name="reshape"),
     ]
-    graph = helper.make_graph(
-        nodes, "hardswish",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])], inits,
-    )  # fmt: skip
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    proto = float_model("hardswish", nodes, inits, (["N", 3, 8, 8], ["N", 8, 8, 8]), names=("input", "out"))
     model = imported(proto)
     quantizer = quantize(model, small_calib)
     assert quantizer.skipped == {"hardswish": "HardSwish has no int8 form here: runs in float"}
