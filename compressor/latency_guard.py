@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from compressor.backends.base import QUICK_RUNS, Backend
-from compressor.passes.quantize_int8 import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS
+from compressor.quant_plan import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS
 
 # Ops with no int8 form may read a dequantized tensor too; they run in float and separate islands.
 QUANTIZABLE_OPS = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS

@@ -43,13 +43,8 @@ from compressor.quant_params import (
     activation_params,
     quantize_node_weights,
 )
+from compressor.quant_plan import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS, QuantizationPlan
 
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
-PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Split"})
-FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
-SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
-INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL})
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
 )
@@ -173,7 +168,7 @@ class QuantizeInt8(Pass):
             raise ModelError(f"the model is already quantized (it has {', '.join(found)}); pass the float model")
 
     def call(self, model: ir.Model) -> PassResult:
-        plan = _Plan.build(model.graph, self.config)
+        plan = QuantizationPlan.build(model.graph, self.config)
         self.skipped = plan.skipped
         if not plan.tensors:
             return PassResult(model, False)
@@ -212,7 +207,7 @@ class QuantizeInt8(Pass):
 
 def calibrate(model: ir.Model, dataset: Samples, config: QuantizeInt8Config) -> CalibrationStats:
     """Observe every tensor any variant of ``model`` may quantize (``keep_float`` ignored), in one data pass."""
-    plan = _Plan.build(model.graph, replace(config, keep_float=frozenset()))
+    plan = QuantizationPlan.build(model.graph, replace(config, keep_float=frozenset()))
     levels = 256
     # Pass-through outputs too: a variant that keeps the pass-through op in float quantizes them on their own.
     observers: dict[str, calibration.Observer] = {
@@ -250,7 +245,7 @@ def quantizable_nodes(model: ir.Model, config: QuantizeInt8Config) -> tuple[list
 
     Unnamed nodes cannot be kept in float by name, so they are not listed.
     """
-    plan = _Plan.build(model.graph, config)
+    plan = QuantizationPlan.build(model.graph, config)
     compute = [(node.name, node.op_type) for node in plan.compute if node.name]
     ops = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS
     return compute, frozenset(node.name for node in model.graph if node.op_type in ops and node.name)
@@ -268,7 +263,7 @@ class Applied:
 def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: CalibrationStats) -> Applied:
     """Rewrite ``model`` in place into QDQ form with ranges (and means) from ``stats``."""
     graph = model.graph
-    plan = _Plan.build(graph, config)
+    plan = QuantizationPlan.build(graph, config)
     missing = [name for name in plan.observed() if name not in stats.ranges]
     if missing:
         raise ModelError(f"calibration statistics lack tensor(s) {', '.join(missing[:3])}: recalibrate this model")
@@ -288,123 +283,7 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
     return Applied(params, plan.skipped, corrected)
 
 
-@dataclass
-class _Plan:
-    """Which nodes run quantized and which tensors get a Q/DQ pair."""
-
-    quantized: list[ir.Node]
-    compute: list[ir.Node]
-    tensors: dict[str, ir.Value]  # name -> value to quantize
-    shared: dict[str, str]  # pass-through output -> input whose params it reuses
-    skipped: dict[str, str]
-    # Ops with no int8 form (HardSwish, Sigmoid, Resize, Shape...) that read a quantized node's output
-    # through its DequantizeLinear, as every quantized consumer does: the producer then hands one
-    # integer tensor to all its consumers and runs as a fused integer op instead of staying float.
-    readers: set[int]
-
-    def observed(self) -> list[str]:
-        return [name for name in self.tensors if name not in self.shared]
-
-    @classmethod
-    def build(cls, graph: ir.Graph, config: QuantizeInt8Config) -> _Plan:
-        quantized, compute, skipped = [], [], {}
-        for node in graph:
-            if node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS:
-                if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
-                    skipped[node.name or node.op_type] = f"{node.op_type} has no int8 form here: runs in float"
-                continue
-            if node.inputs and node.inputs[0] is not None and node.inputs[0].dtype in INTEGER_TYPES:
-                continue  # shape arithmetic (Concat, Reshape... of int64 dims): nothing to quantize or report
-            reason = _why_float(node, config)
-            if reason:
-                skipped[node.name or node.op_type] = reason
-                continue
-            quantized.append(node)
-            if node.op_type in COMPUTE_OPS:
-                compute.append(node)
-        tensors: dict[str, ir.Value] = {}
-        shared: dict[str, str] = {}
-        chosen, readers = set(), set()
-        for node in quantized:
-            if node.op_type in PASS_THROUGH_OPS:
-                continue
-            chosen.add(id(node))
-            for value in _activation_inputs(node):
-                tensors.setdefault(value.name, value)
-            output = _fused_output(node)
-            consumers = [use.node for use in output.uses()]
-            float_readers = [c for c in consumers if _has_no_int8_form(c, config)]
-            feeds_float_only = node.op_type in COMPUTE_OPS and consumers and len(float_readers) == len(consumers)
-            if any(_consumer_is_quantized(use, quantized) for use in output.uses()) or feeds_float_only:
-                tensors.setdefault(output.name, output)
-                if not output.is_graph_output():  # then the producer can run in int8: see `_Plan.readers`
-                    readers.update(id(c) for c in float_readers)
-        # Pass-through ops run on the integer tensor only when their input is quantized.
-        for node in quantized:
-            if node.op_type in PASS_THROUGH_OPS and node.inputs[0].name in tensors:
-                chosen.add(id(node))
-                for output in node.outputs:  # Split has several
-                    shared[output.name] = shared.get(node.inputs[0].name, node.inputs[0].name)
-                    tensors[output.name] = output
-        quantized = [n for n in quantized if id(n) in chosen]
-        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers)
-
-
-def _why_float(node: ir.Node, config: QuantizeInt8Config) -> str | None:
-    if node.name in config.keep_float:
-        return "kept in float by configuration"
-    if node.domain not in ("", "ai.onnx"):
-        return f"custom domain {node.domain}"
-    if any(v is not None and v.dtype not in (None, ir.DataType.FLOAT) for v in node.inputs[:1]):
-        return "input is not float32"
-    if node.op_type in COMPUTE_OPS:
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
-        if weight is None or weight.const_value is None:
-            return f"weight of {node.op_type} is not constant"
-        if node.op_type == "MatMul" and len(weight.const_value.shape) != 2:
-            return "MatMul weight is not 2-D"
-        if node.op_type == "Gemm":
-            attrs = node.attributes
-            if attrs.get("transA") and attrs["transA"].as_int():
-                return "Gemm with transA"
-            if any(a in attrs and attrs[a].as_float() != 1.0 for a in ("alpha", "beta")):
-                return "Gemm with alpha/beta != 1"
-    return None
-
-
-def _activation_inputs(node: ir.Node) -> list[ir.Value]:
-    if node.op_type in COMPUTE_OPS:
-        return [node.inputs[0]]
-    return [v for v in node.inputs if v is not None and v.const_value is None and v.dtype == ir.DataType.FLOAT]
-
-
-def _fused_output(node: ir.Node) -> ir.Value:
-    """The output to quantize: after a sole Relu/Clip consumer, else the node's own output."""
-    output = node.outputs[0]
-    uses = list(output.uses())
-    if len(uses) == 1 and not output.is_graph_output():
-        consumer = uses[0].node
-        if consumer.op_type in FUSED_ACTIVATIONS and _constant_clip(consumer):
-            return consumer.outputs[0]
-    return output
-
-
-def _constant_clip(node: ir.Node) -> bool:
-    """Relu, or a Clip whose bounds are constants (initializers or Constant nodes)."""
-    return node.op_type == "Relu" or all(
-        v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs[1:]
-    )
-
-
-def _has_no_int8_form(node: ir.Node, config: QuantizeInt8Config) -> bool:
-    return node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS and node.name not in config.keep_float
-
-
-def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:
-    return any(use.node is node for node in quantized)
-
-
-def _insert_qdq(graph: ir.Graph, plan: _Plan, params: dict[str, QuantParams], names: UniqueNames) -> None:
+def _insert_qdq(graph: ir.Graph, plan: QuantizationPlan, params: dict[str, QuantParams], names: UniqueNames) -> None:
     quantized_ids = {id(n) for n in plan.quantized}
     for name, value in plan.tensors.items():
         p = params[name]

@@ -18,9 +18,10 @@ from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor.ir import UniqueNames
-from compressor.passes.quantize_int8 import COMPUTE_OPS, QuantizeInt8Config
+from compressor.passes.quantize_int8 import QuantizeInt8Config
 from compressor.pipeline import Pass, Tolerance
 from compressor.quant_params import quantize_weight_input
+from compressor.quant_plan import COMPUTE_OPS
 
 
 @dataclass(frozen=True)
