@@ -236,6 +236,24 @@ def quantize_weight_input(
     return scale, shift
 
 
+def quantize_constant_input(
+    graph: ir.Graph, node: ir.Node, index: int, config: QuantizeInt8Config, names: UniqueNames
+) -> None:
+    """Put a constant input of an elementwise op (the bias a torch Linear adds after its MatMul) behind
+    DequantizeLinear, per tensor with the activations' scheme and its own range, so the op can run on integers."""
+    value = node.inputs[index]
+    array = value.const_value.numpy().astype(np.float32)
+    params = activation_params(min(float(array.min()), 0.0), max(float(array.max()), 0.0), config)
+    q = np.clip(np.round(array / params.scale) + params.zero_point, params.qmin, params.qmax).astype(params.dtype)
+    base = f"{node.name or value.name}_input{index}"
+    q_value = add_initializer(graph, f"{base}_quantized", q, names)
+    scale = add_initializer(graph, f"{base}_scale", np.array(params.scale, np.float32), names)
+    zero = add_initializer(graph, f"{base}_zero_point", np.array(params.zero_point, params.dtype), names)
+    dequantize = ir.Node("", "DequantizeLinear", [q_value, scale, zero], name=f"{base}_dq")
+    graph.insert_before(node, dequantize)
+    node.replace_input_with(index, dequantize.outputs[0])
+
+
 def _quantized_weight(
     node: ir.Node, axis: int, config: QuantizeInt8Config, mean: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

@@ -41,6 +41,7 @@ from compressor.quant_params import (
     QuantParams,
     WeightMemo,
     activation_params,
+    quantize_constant_input,
     quantize_node_weights,
 )
 from compressor.quant_plan import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS, QuantizationPlan
@@ -273,6 +274,10 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
     inputs = [(params[node.inputs[0].name], stats.means.get(node.inputs[0].name)) for node in plan.compute]
     names = UniqueNames(graph)
     _insert_qdq(graph, plan, params, names)
+    for node in plan.quantized:
+        for index, value in enumerate(node.inputs if node.op_type == "Add" else ()):
+            if value is not None and value.const_value is not None and value.dtype == ir.DataType.FLOAT:
+                quantize_constant_input(graph, node, index, config, names)
     corrected: dict[str, float] = {}
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
         mean = mean if config.bias_correction else None

@@ -347,6 +347,30 @@ def test_ops_with_no_int8_form_read_the_integer_output_dequantized(small_calib: 
     assert next(n for n in kept.graph if n.name == "hardswish").inputs[0].name == "a", "kept float: reads conv_a as is"
 
 
+def test_linear_bias_added_after_matmul_runs_on_integers(tmp_path: Path) -> None:
+    """torch exports Linear on tokens [N, T, K] as MatMul then Add(bias): the bias is quantized like an activation."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.uniform(-0.5, 0.5, shape).astype(np.float32), name)
+             for name, shape in (("w1", (16, 32)), ("b1", (32,)), ("w2", (32, 8)))]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+        helper.make_node("MatMul", ["r1", "w2"], ["output"], name="fc2"),
+    ]
+    proto = float_model("tokens", nodes, inits, (["N", 6, 16], ["N", 6, 8]))
+    np.savez(tmp_path / "calib.npz", x=random_input((32, 6, 16), seed=1))
+    model = imported(proto)
+    quantize(model, tmp_path / "calib.npz")
+    lowered = get_backend("cpu").lower(model)
+    ops = {n.name: n.op_type for n in lowered.graph.node}
+    assert (ops["fc1"], ops["fc1_bias"]) == ("QLinearMatMul", "QLinearAdd")
+    x = random_input((8, 6, 16), seed=2)
+    qdq = logits(model, x)
+    assert sqnr_db(logits(proto, x), qdq) > 25
+    assert sqnr_db(qdq, logits(lowered, x)) > 40
+
+
 class TestBadInput:
     def test_already_quantized_model_is_refused(self, small_calib: Path) -> None:
         model = imported(conv_bn_model())
