@@ -122,3 +122,10 @@ def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def conv_bn() -> onnx.ModelProto:
     return conv_bn_model()
+
+
+@pytest.fixture
+def small_calib(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=random_input((32, 3, 8, 8), seed=1))
+    return path
