@@ -97,6 +97,14 @@ def test_photos_layouts_and_labels(photo_folder: Path) -> None:
     np.testing.assert_array_equal(nhwc.first_batch(4)["input"], batch.feeds["input"].transpose(0, 2, 3, 1))
 
 
+def test_a_fixed_batch_dimension_sets_every_batch(photo_folder: Path) -> None:
+    model = small_image_model()
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32]))
+    folder = ImageFolder(photo_folder, specs(model), Preprocess.parse("resize=40,crop=32"))
+    assert folder.batch_size_for(2**22, 32) == 1
+    assert [b.feeds["input"].shape[0] for b in folder.batches(batch_size=4)] == [1, 1, 1, 1]
+
+
 def test_bad_folders_are_refused(tmp_path: Path, photo_folder: Path) -> None:
     model_specs = specs(small_image_model())
     (tmp_path / "empty").mkdir()
