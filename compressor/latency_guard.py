@@ -23,10 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from compressor.backends.base import QUICK_RUNS, Backend
-from compressor.quant_plan import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS
-
-# Ops with no int8 form may read a dequantized tensor too; they run in float and separate islands.
-QUANTIZABLE_OPS = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS
+from compressor.quant_plan import QUANTIZABLE_OPS
 
 # A candidate must beat the current model by this fraction to count: less is noise here.
 MARGIN = 0.03
@@ -37,6 +34,7 @@ def int8_islands(model: ir.Model) -> list[frozenset[str]]:
     """The named quantized nodes of a QDQ ``model`` grouped into islands, largest first."""
     members: dict[int, ir.Node] = {}
     for node in model.graph:
+        # Ops with no int8 form may read a dequantized tensor too; they run in float and separate islands.
         if node.name and node.op_type in QUANTIZABLE_OPS and _reads_integer(node):
             members[id(node)] = node
     graph = nx.Graph()

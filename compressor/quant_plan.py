@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
 PASS_THROUGH_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Split"})
+QUANTIZABLE_OPS = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS  # every other op has no int8 form here
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
 INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL})
@@ -44,7 +45,7 @@ class QuantizationPlan:
     def build(cls, graph: ir.Graph, config: QuantizeInt8Config) -> QuantizationPlan:
         quantized, compute, skipped = [], [], {}
         for node in graph:
-            if node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS:
+            if node.op_type not in QUANTIZABLE_OPS:
                 if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
                     skipped[node.name or node.op_type] = f"{node.op_type} has no int8 form here: runs in float"
                 continue
@@ -132,7 +133,7 @@ def _constant_clip(node: ir.Node) -> bool:
 
 
 def _has_no_int8_form(node: ir.Node, config: QuantizeInt8Config) -> bool:
-    return node.op_type not in COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS and node.name not in config.keep_float
+    return node.op_type not in QUANTIZABLE_OPS and node.name not in config.keep_float
 
 
 def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:

@@ -44,7 +44,7 @@ from compressor.quant_params import (
     quantize_constant_input,
     quantize_node_weights,
 )
-from compressor.quant_plan import COMPUTE_OPS, ELEMENTWISE_OPS, PASS_THROUGH_OPS, QuantizationPlan
+from compressor.quant_plan import QUANTIZABLE_OPS, QuantizationPlan
 
 ALREADY_QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
@@ -248,8 +248,7 @@ def quantizable_nodes(model: ir.Model, config: QuantizeInt8Config) -> tuple[list
     """
     plan = QuantizationPlan.build(model.graph, config)
     compute = [(node.name, node.op_type) for node in plan.compute if node.name]
-    ops = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS
-    return compute, frozenset(node.name for node in model.graph if node.op_type in ops and node.name)
+    return compute, frozenset(node.name for node in model.graph if node.op_type in QUANTIZABLE_OPS and node.name)
 
 
 @dataclass
