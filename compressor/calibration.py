@@ -264,9 +264,9 @@ def collect(
 ) -> list[np.ndarray]:
     """Run the model over ``dataset`` once and update each tensor's observer.
 
-    Min/max observers (and per-channel means) are fed by ReduceMin/ReduceMax/
-    ReduceMean nodes added to a copy of the model, so onnxruntime hands back a
-    few numbers per tensor instead of the tensor; histogram observers get the
+    Min/max observers (and per-channel means) are fed by reductions added to a
+    copy of the model, so onnxruntime hands back a few numbers per tensor
+    instead of the tensor; histogram observers get the
     whole tensor as an extra graph output. One batch is alive at a time.
     Returns the model's own outputs on the first ``keep_outputs`` samples (the
     float reference later checks compare against), one array per output.
@@ -312,9 +312,9 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
             exposed.add(name)
         return name
 
-    def reduce(op: str, name: str, axes: list[int] | None = None) -> str:
+    def reduce(op: str, name: str, axes: list[int] | None = None, source: str | None = None) -> str:
         out = f"{name}__calibration_{op}"
-        inputs, attributes = [name], {"keepdims": 0}
+        inputs, attributes = [source or name], {"keepdims": 0}
         if axes is not None and opset >= 18:
             constant = f"{out}_axes"
             graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), constant))
@@ -337,8 +337,14 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
             readers.append(lambda outputs, rows, o=observer, n=full: o.update(outputs[n]))
             continue
         if bounds is not None:
-            low, high = reduce("ReduceMin", name), reduce("ReduceMax", name)
-            readers.append(_bounds_reader(bounds, low, high))
+            # Every range holds 0, so a Relu or Relu6 output's minimum need not be measured. A feature map is
+            # max-pooled first: onnxruntime pools its blocked conv layout in place, where ReduceMax needs a copy.
+            low = None if _is_non_negative(value) else reduce("ReduceMin", name)
+            pooled = None
+            if _is_float_feature_map(value):
+                pooled = f"{name}__calibration_GlobalMaxPool"
+                graph.node.append(onnx.helper.make_node("GlobalMaxPool", [name], [pooled], name=pooled))
+            readers.append(_bounds_reader(bounds, low, reduce("ReduceMax", name, source=pooled)))
         if isinstance(observer, ChannelMeanObserver):
             axis = observer.axis % rank
             means = reduce("ReduceMean", name, [a for a in range(rank) if a != axis])
@@ -346,8 +352,26 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
     return proto, readers
 
 
-def _bounds_reader(observer: MinMaxObserver | MovingAverageObserver, low: str, high: str) -> Reader:
+def _bounds_reader(observer: MinMaxObserver | MovingAverageObserver, low: str | None, high: str) -> Reader:
     def read(outputs: Mapping[str, np.ndarray], rows: int) -> None:
-        observer.update_bounds(float(outputs[low]), float(outputs[high]))
+        observer.update_bounds(0.0 if low is None else float(outputs[low]), float(outputs[high]))
 
     return read
+
+
+def _is_non_negative(value: ir.Value | None) -> bool:
+    """A Relu's output, or a Clip's with a constant minimum of at least 0."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return False
+    if producer.op_type == "Clip" and len(producer.inputs) > 1 and producer.inputs[1] is not None:
+        minimum = ir.convenience.get_const_tensor(producer.inputs[1])
+        return minimum is not None and minimum.size == 1 and float(minimum.numpy().reshape(())) >= 0.0
+    return producer.op_type == "Relu"
+
+
+def _is_float_feature_map(value: ir.Value | None) -> bool:
+    """Rank 3 or more (batch, channels, positions...) and a type GlobalMaxPool takes."""
+    if value is None or value.shape is None or len(value.shape) < 3:
+        return False
+    return value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
