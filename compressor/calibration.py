@@ -324,6 +324,12 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
         graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out, **attributes))
         return output(out)
 
+    def pool(op: str, name: str) -> str:
+        # onnxruntime pools its blocked conv layout in place, where a Reduce* first needs a reordered copy.
+        out = f"{name}__calibration_{op}"
+        graph.node.append(onnx.helper.make_node(op, [name], [out], name=out))
+        return out
+
     readers: list[Reader] = []
     for name, observer in observers.items():
         bounds = observer.inner if isinstance(observer, ChannelMeanObserver) else observer
@@ -337,17 +343,14 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
             readers.append(lambda outputs, rows, o=observer, n=full: o.update(outputs[n]))
             continue
         if bounds is not None:
-            # Every range holds 0, so a Relu or Relu6 output's minimum need not be measured. A feature map is
-            # max-pooled first: onnxruntime pools its blocked conv layout in place, where ReduceMax needs a copy.
+            # Every range holds 0, so a Relu or Relu6 output's minimum need not be measured.
             low = None if _is_non_negative(value) else reduce("ReduceMin", name)
-            pooled = None
-            if _is_float_feature_map(value):
-                pooled = f"{name}__calibration_GlobalMaxPool"
-                graph.node.append(onnx.helper.make_node("GlobalMaxPool", [name], [pooled], name=pooled))
+            pooled = pool("GlobalMaxPool", name) if _is_float_feature_map(value) else None
             readers.append(_bounds_reader(bounds, low, reduce("ReduceMax", name, source=pooled)))
         if isinstance(observer, ChannelMeanObserver):
             axis = observer.axis % rank
-            means = reduce("ReduceMean", name, [a for a in range(rank) if a != axis])
+            pooled = pool("GlobalAveragePool", name) if axis == 1 and _is_float_feature_map(value) else None
+            means = reduce("ReduceMean", name, [a for a in range(rank) if a != axis], source=pooled)
             readers.append(lambda outputs, rows, o=observer, m=means: o.update_means(outputs[m], rows))
     return proto, readers
 
