@@ -172,7 +172,8 @@ def _keep_faster_islands(
     slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:
         return model, lowered if len(guard.history) == 1 else None
-    why = f"int8 island ran slower than float (model {guard.history[0][1]:.2f}x -> {guard.speedup:.2f}x fp32)"
+    gain = f"in float the model ran {guard.gain:.2f}x faster: {guard.speedup:.2f}x fp32"
+    why = f"int8 island ran slower than float ({gain})"
     variant, stored = floated(slower)
     quantize.skipped.update(dict.fromkeys(slower, why))
     quantize.skipped.update(dict.fromkeys(stored, f"{why}; its weights stay int8, dequantized at load"))

@@ -163,7 +163,7 @@ def guard_choice(calib: Path, int8_conv: float) -> tuple[frozenset[str], Latency
 
 def test_guard_keeps_int8_where_it_is_faster(calib: Path) -> None:
     chosen, guard = guard_choice(calib, int8_conv=0.3)
-    assert chosen == frozenset() and len(guard.history) == 1 and guard.speedup > 1.4
+    assert chosen == frozenset() and len(guard.history) == 1 and guard.speedup > 1.4 and guard.gain == 1.0
 
 
 def test_guard_puts_every_slower_island_in_float(calib: Path) -> None:
@@ -171,6 +171,7 @@ def test_guard_puts_every_slower_island_in_float(calib: Path) -> None:
     assert chosen == frozenset({"conv0", "conv1", "conv2", "pool2", "conv3"})
     assert [len(kept) for kept, _ in guard.history] == [0, 3, 5]
     assert guard.speedup == pytest.approx(1.0, abs=0.05)
+    assert guard.gain > 1.2 and guard.gain == pytest.approx(guard.speedup / guard.history[0][1])  # a fixed fp32 cost
 
 
 def test_compress_reports_the_guard(calib: Path) -> None:
