@@ -322,7 +322,7 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
         elif axes is not None:
             attributes["axes"] = axes
         graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out, **attributes))
-        return output(out)
+        return output(out, _elem_type(values.get(name)))
 
     def pool(op: str, name: str) -> str:
         # onnxruntime pools its blocked conv layout in place, where a Reduce* first needs a reordered copy.
@@ -338,8 +338,7 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
         if not isinstance(bounds, (MinMaxObserver, MovingAverageObserver, type(None))) or (
             isinstance(observer, ChannelMeanObserver) and rank is None
         ):
-            dtype = int(value.dtype) if value is not None and value.dtype is not None else onnx.TensorProto.FLOAT
-            full = output(name, dtype)
+            full = output(name, _elem_type(value))
             readers.append(lambda outputs, rows, o=observer, n=full: o.update(outputs[n]))
             continue
         if bounds is not None:
@@ -362,6 +361,11 @@ def _bounds_reader(observer: MinMaxObserver | MovingAverageObserver, low: str | 
     return read
 
 
+def _elem_type(value: ir.Value | None) -> int:
+    """The ONNX element type of ``value`` (float where unknown): a reduction's output has its input's type."""
+    return int(value.dtype) if value is not None and value.dtype is not None else onnx.TensorProto.FLOAT
+
+
 def _is_non_negative(value: ir.Value | None) -> bool:
     """A Relu's output, or a Clip's with a constant minimum of at least 0."""
     producer = value.producer() if value is not None else None
@@ -374,7 +378,7 @@ def _is_non_negative(value: ir.Value | None) -> bool:
 
 
 def _is_float_feature_map(value: ir.Value | None) -> bool:
-    """Rank 3 or more (batch, channels, positions...) and a type GlobalMaxPool takes."""
+    """Rank 3 or more (batch, channels, positions...) and a type onnxruntime's CPU pools (not double)."""
     if value is None or value.shape is None or len(value.shape) < 3:
         return False
-    return value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+    return value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)

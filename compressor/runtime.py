@@ -143,6 +143,13 @@ def _session(model: bytes | str, providers: Sequence[str], options: ort.SessionO
                 f"the model's IR version {found} is newer than onnxruntime {ort.__version__} reads (at most {limit}); "
                 f"upgrade onnxruntime, or save the model with ir_version={limit}"
             ) from exc
+        no_kernel = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(exc))
+        if no_kernel:
+            op, node = no_kernel.groups()
+            raise ModelError(
+                f"onnxruntime {ort.__version__} ({', '.join(providers)}) has no {op} kernel for the input types of "
+                f"node '{node}'; convert the model to types it runs (float32 for most ops)"
+            ) from exc
         raise
     if tuple(providers) == ("CPUExecutionProvider",):
         # The Python wrapper keeps the model bytes only to rebuild the session on a provider failure

@@ -186,6 +186,16 @@ def test_cuda_matches_cpu() -> None:
         np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
 
 
+def test_op_onnxruntime_has_no_kernel_for_is_a_clear_model_error() -> None:
+    """A double-precision Conv: valid ONNX that onnxruntime's CPU provider cannot run."""
+    weight = helper.make_tensor("w", TensorProto.DOUBLE, [2, 1, 1, 1], [1.0, 2.0])
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv_f64")
+    io = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, [1, c, 4, 4]) for n, c in (("x", 1), ("y", 2))]
+    model = helper.make_model(helper.make_graph([conv], "g", io[:1], io[1:], [weight]))
+    with pytest.raises(ModelError, match=r"has no Conv kernel for the input types of node 'conv_f64'; convert"):
+        runtime.make_session(model)
+
+
 def test_model_newer_than_onnxruntime_is_a_clear_model_error() -> None:
     """Seen on a GPU machine: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot read."""
     model = conv_bn_model()
