@@ -266,8 +266,8 @@ def collect(
 
     Min/max observers (and per-channel means) are fed by reductions added to a
     copy of the model, so onnxruntime hands back a few numbers per tensor
-    instead of the tensor; histogram observers get the
-    whole tensor as an extra graph output. One batch is alive at a time.
+    instead of the tensor; histogram observers get the whole tensor as an extra
+    graph output. One batch is alive at a time.
     Returns the model's own outputs on the first ``keep_outputs`` samples (the
     float reference later checks compare against), one array per output.
     """
