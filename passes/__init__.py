@@ -31,7 +31,7 @@ def import_passes() -> list:
         Cleanup(),
         FoldConstants(),
         FoldBatchNorm(),
+        InferShapes(),  # before pooling: without stored shapes (the TorchScript exporter's) no rank is known
         CanonicalizePooling(),
         Cleanup(),
-        InferShapes(),
     ]

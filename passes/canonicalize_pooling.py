@@ -59,6 +59,9 @@ def _rewrite(graph: ir.Graph, node: ir.Node) -> None:
     pool = ir.Node("", "GlobalAveragePool", [node.inputs[0]], name=f"{node.name}_gap")
     new_nodes = [pool]
     if not keepdims:
+        source = node.inputs[0]
+        pool.outputs[0].dtype = source.dtype
+        pool.outputs[0].shape = ir.Shape([*source.shape[:2], 1, 1])  # type: ignore[index]
         new_nodes.append(
             ir.Node("", "Flatten", [pool.outputs[0]], attributes=[ir.AttrInt64("axis", 1)], name=f"{node.name}_flatten")
         )

@@ -175,10 +175,32 @@ def test_import_pipeline_on_old_identity_bn_model_matches_onnxruntime() -> None:
         "cleanup",
         "fold_constants",
         "fold_batchnorm",
+        "infer_shapes",
         "canonicalize_pooling",
         "cleanup",
-        "infer_shapes",
     ]
     assert set(ops(model)) == {"Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"}
     for batch in (1, 5):
         assert_close(run_onnx(proto, feeds(batch)), run_onnx(model, feeds(batch)))
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_spatial_mean_without_stored_shapes_becomes_global_average_pool(keepdims: int) -> None:
+    """The TorchScript exporter stores no intermediate shapes; the pooling rewrite still sees the rank."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], np.linspace(-1, 1, 12).tolist())
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["conv"]),
+        helper.make_node("ReduceMean", ["conv"], ["output"], axes=[2, 3], keepdims=keepdims),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, [weight]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model = ir.serde.deserialize_model(proto)
+    Pipeline(import_passes()).run(model, PassContext())
+    assert ops(model) == ["Conv", "GlobalAveragePool", *(["Flatten"] if not keepdims else [])]
+    pooled = next(node for node in model.graph if node.op_type == "GlobalAveragePool").outputs[0]
+    assert list(pooled.shape)[1:] == [4, 1, 1]
+    for batch in (1, 5):
+        assert_close(run_onnx(proto, feeds(batch)), run_onnx(model, feeds(batch)), rtol=1e-5)
