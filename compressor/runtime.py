@@ -136,26 +136,32 @@ def _session(model: bytes | str, providers: Sequence[str], options: ort.SessionO
     try:
         session = ort.InferenceSession(model, sess_options=options or session_options(), providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph classes
-        too_new = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", str(exc))
-        if too_new:
-            found, limit = too_new.groups()
-            raise ModelError(
-                f"the model's IR version {found} is newer than onnxruntime {ort.__version__} reads (at most {limit}); "
-                f"upgrade onnxruntime, or save the model with ir_version={limit}"
-            ) from exc
-        no_kernel = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(exc))
-        if no_kernel:
-            op, node = no_kernel.groups()
-            raise ModelError(
-                f"onnxruntime {ort.__version__} ({', '.join(providers)}) has no {op} kernel for the input types of "
-                f"node '{node}'; convert the model to types it runs (float32 for most ops)"
-            ) from exc
+        why = _the_models_fault(str(exc), providers)
+        if why is not None:
+            raise ModelError(why) from exc
         raise
     if tuple(providers) == ("CPUExecutionProvider",):
         # The Python wrapper keeps the model bytes only to rebuild the session on a provider failure
         # or `set_providers`, neither of which a CPU-only session needs; they are as large as the model.
         session._model_bytes = None
     return session
+
+
+def _the_models_fault(message: str, providers: Sequence[str]) -> str | None:
+    """The problem and the fix in one line, for onnxruntime load failures that the model causes."""
+    if found := re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message):
+        version, limit = found.groups()
+        return (
+            f"the model's IR version {version} is newer than onnxruntime {ort.__version__} reads (at most {limit}); "
+            f"upgrade onnxruntime, or save the model with ir_version={limit}"
+        )
+    if found := re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", message):
+        op, node = found.groups()
+        return (
+            f"onnxruntime {ort.__version__} ({', '.join(providers)}) has no {op} kernel for the input types of "
+            f"node '{node}'; convert the model to types it runs (float32 for most ops)"
+        )
+    return None
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
