@@ -98,8 +98,10 @@ def compress(
     original = _Original(model, working)
     specs = runtime.input_specs(working)
     context = PassContext(
-        calibration=_dataset(calib, specs, preprocess),
-        evaluation=_dataset(eval, specs, preprocess),
+        # Each batch is checked as it is read. Calibration data is first read by calibration, the first real
+        # work; evaluation data only by the final report, so it is read through once up front instead.
+        calibration=_dataset(calib, specs, preprocess, read_through=False),
+        evaluation=_dataset(eval, specs, preprocess, read_through=True),
         backend=backend,
         seed=seed,
     )
@@ -201,7 +203,7 @@ def _load(model: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
 
 
 def _dataset(
-    path: str | os.PathLike | None, specs: Sequence[runtime.InputSpec], preprocess: str | None
+    path: str | os.PathLike | None, specs: Sequence[runtime.InputSpec], preprocess: str | None, read_through: bool
 ) -> Samples | None:
     if path is None:
         return None
@@ -211,7 +213,8 @@ def _dataset(
         raise UsageError(f"--preprocess applies to image folders, and {path} is a file; drop --preprocess")
     else:
         dataset = Dataset(path, specs)
-    dataset.validate()
+    if read_through:
+        dataset.validate()
     return dataset
 
 
