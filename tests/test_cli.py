@@ -190,6 +190,16 @@ def test_bad_data_is_refused(
     assert sha256(data) == data_hash
 
 
+@pytest.mark.parametrize("case", ["nan", "inf"])
+def test_bad_calibration_values_stop_int8_before_any_output(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    """Calibration data is not read through up front: calibration's own read must refuse it."""
+    build, keyword = BAD_DATA[case]
+    data = build(tmp_path / "data.npz")
+    assert_refused([model, "--target", "int8", "--calib", data, "--no-latency"], keyword, tmp_path, capsys)
+
+
 @pytest.mark.parametrize(
     ("extra", "keyword"),
     [
