@@ -255,9 +255,7 @@ def scale_lines(rows: Sequence[Row]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for key in dict.fromkeys((r.model, r.calib_samples) for r in rows):
         found = {r.recipe: r for r in rows if (r.model, r.calib_samples) == key and r.wall_s is not None}
-        cells = [
-            f"{_fmt('s', found[r].wall_s)} / {_fmt('mb', found[r].peak_rss_mb)}" if r in found else "—" for r in recipes
-        ]
+        cells = [_wall_and_rss(found[r]) if r in found else "—" for r in recipes]
         ours, peer = found.get(OURS_INT8.name), found.get(ORT_DEFAULTS.name)
         ratio = f"{ours.wall_s / peer.wall_s:.2f}" if ours and peer else "—"
         lines.append("| " + " | ".join([key[0], str(key[1]), *cells, ratio]) + " |")
