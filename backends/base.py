@@ -87,17 +87,29 @@ class Backend(abc.ABC):
         feeds: Mapping[str, np.ndarray],
         runs: int | None = None,
         seconds: float = 1.0,
+        max_runs: int = 500,
     ) -> list[metrics.Latency]:
         """Median latency of each model, measured interleaved with spinning off.
 
         Without ``runs``, a short first timing sets the count so the whole
-        measurement takes about ``seconds`` (20 to 500 runs): tiny models get
-        enough runs for a stable median, large ones do not take minutes.
+        measurement takes about ``seconds`` (20 to ``max_runs`` runs): tiny models
+        get enough runs for a stable median, large ones do not take minutes.
         """
         sessions = [self.session(m, spinning=False) for m in models]
+        return self.time_sessions(sessions, feeds, runs, seconds, max_runs)
+
+    def time_sessions(
+        self,
+        sessions: Sequence[ort.InferenceSession],
+        feeds: Mapping[str, np.ndarray],
+        runs: int | None = None,
+        seconds: float = 1.0,
+        max_runs: int = 500,
+    ) -> list[metrics.Latency]:
+        """`latency` for sessions already built here with spinning off (a caller timing one model in many rounds)."""
         if runs is None:
             estimate = metrics.interleaved_latency(sessions, feeds, runs=QUICK_RUNS)
-            runs = int(np.clip(seconds * 1e3 / sum(t.median_ms for t in estimate), 20, 500))
+            runs = int(np.clip(seconds * 1e3 / sum(t.median_ms for t in estimate), 20, max_runs))
         return metrics.interleaved_latency(sessions, feeds, runs=runs)
 
     def __repr__(self) -> str:

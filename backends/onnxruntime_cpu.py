@@ -73,7 +73,7 @@ class OnnxruntimeCPU(Backend):
         self.rewrites = {}
         if self._keeps_form(model):
             return to_proto(model)
-        working = ir.serde.deserialize_model(cir.to_proto(model))
+        working = model.clone()  # shares the tensors: the rewrites replace initializers, never write into them
         stems = space_to_depth_stems(working.graph)
         self.rejected = lower_to_qlinear(working)
         depthwise = depthwise_stems(working.graph)

@@ -149,7 +149,7 @@ def _shared_zero(graph: ir.Graph, like: ir.Value) -> ir.Value:
     name = f"shared_zero_{like.dtype.name.lower()}"
     if name not in graph.initializers:
         zero = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(like.dtype))
-        zero.const_value = ir.tensor(np.zeros((), like.dtype.numpy()), name=name)
+        zero.const_value = ir.Tensor(np.zeros((), like.dtype.numpy()), name=name)
         graph.register_initializer(zero)
     return graph.initializers[name]
 

