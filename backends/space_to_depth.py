@@ -7,10 +7,13 @@ conv on its input folded 2x2 into 12 channels (a 4x4 kernel, stride 1, the
 kernel zero-padded to 8x8 first) is exact and takes 0.44 ms there.
 
 The rewrite is done in QDQ form before the integer lowering:
-``x -> Q -> DQ -> Conv`` becomes ``x -> Q -> Pad -> SpaceToDepth -> DQ -> Conv'``.
-Pad and SpaceToDepth move the quantized (uint8) input, padding with its zero
-point, so every integer product is one the original conv computes, or a
-product with a zero weight.
+``x -> Q -> DQ -> Conv`` becomes ``x -> Q -> SpaceToDepth -> DQ -> Conv'``.
+SpaceToDepth moves the quantized (uint8) input, and the conv pads the folded
+input with its zero point, so every integer product is one the original conv
+computes, or a product with a zero weight. An odd front pad (ResNet's 3) moves
+the kernel one zero row down instead. Only an input of odd height or width needs
+a Pad (with the zero point) before the fold; in ResNet-18 that Pad cost 1.3% of
+the int8 model's time.
 """
 
 from __future__ import annotations
@@ -84,54 +87,73 @@ def _rewrite(graph: ir.Graph, conv: ir.Node, names: cir.UniqueNames) -> bool:
     quantize = dequantize.inputs[0].producer()
     weight = conv.inputs[1].producer()
     source = quantize.inputs[0]
-    height, width = source.shape[2], source.shape[3]
+    sizes = source.shape[2], source.shape[3]
     pads = _attr(conv, "pads", [0, 0, 0, 0])
+    kernel = weight.inputs[0].const_value.shape[2:]
 
-    folded_kernel = [-(-k // BLOCK) for k in weight.inputs[0].const_value.shape[2:]]
+    # An odd front pad becomes an even one, and the kernel one zero row longer in front, so that
+    # blocks of the padded input line up with the input's own blocks.
+    shifts = [begin % BLOCK for begin in pads[:2]]
+    folded_kernel = [-(-(k + shift) // BLOCK) for k, shift in zip(kernel, shifts, strict=True)]
     outputs = [
         (size + begin + end - k) // BLOCK + 1
-        for size, begin, end, k in zip(
-            (height, width), pads[:2], pads[2:], weight.inputs[0].const_value.shape[2:], strict=True
-        )
+        for size, begin, end, k in zip(sizes, pads[:2], pads[2:], kernel, strict=True)
     ]
-    padded = [BLOCK * (out + k - 1) for out, k in zip(outputs, folded_kernel, strict=True)]
-    ends = [full - size - begin for full, size, begin in zip(padded, (height, width), pads[:2], strict=True)]
+    fronts = [begin + shift for begin, shift in zip(pads[:2], shifts, strict=True)]
+    ends = [
+        BLOCK * (out + k - 1) - size - front
+        for out, k, size, front in zip(outputs, folded_kernel, sizes, fronts, strict=True)
+    ]
     if min(ends) < 0:
         return False
 
-    amounts = np.array([0, 0, pads[0], pads[1], 0, 0, *ends], np.int64)
-    pad_amounts = cir.add_initializer(graph, f"{conv.name}_s2d_pads", amounts, names)
-    quantized = quantize.outputs[0]
-    zero_point = quantize.inputs[2] if len(quantize.inputs) > 2 else None  # absent: 0, Pad's default too
-    pad = ir.Node("", "Pad", [quantized, pad_amounts, zero_point], name=names.fresh(f"{conv.name}_s2d_pad"))
+    folded_input = quantize.outputs[0]
+    if all(size % BLOCK == 0 for size in sizes):  # the conv pads the folded input itself, with the zero point
+        conv_pads = [amount // BLOCK for amount in (*fronts, *ends)]
+    else:
+        folded_input = _pad(graph, conv, quantize, [0, 0, *fronts, 0, 0, *ends], names)
+        conv_pads = [0, 0, 0, 0]
     fold = ir.Node(
         "",
         "SpaceToDepth",
-        pad.outputs,
+        [folded_input],
         attributes=[ir.AttrInt64("blocksize", BLOCK)],
         name=names.fresh(f"{conv.name}_s2d"),
     )
-    for new, value_name in ((pad, "pad"), (fold, "fold")):
-        new.outputs[0].name = names.fresh(f"{conv.name}_s2d_{value_name}")
-        new.outputs[0].type = quantized.type
-    graph.insert_after(quantize, [pad, fold])
+    fold.outputs[0].name = names.fresh(f"{conv.name}_s2d_fold")
+    fold.outputs[0].type = quantize.outputs[0].type
+    graph.insert_before(dequantize, fold)
     dequantize.replace_input_with(0, fold.outputs[0])
     dequantize.outputs[0].shape = None
 
-    folded = _fold_weights(weight.inputs[0].const_value.numpy(), folded_kernel)
+    folded = _fold_weights(weight.inputs[0].const_value.numpy(), folded_kernel, shifts)
     weight.replace_input_with(0, cir.add_initializer(graph, f"{conv.name}_s2d_weight", folded, names))
     conv.attributes["strides"] = ir.AttrInt64s("strides", [1, 1])
-    conv.attributes["pads"] = ir.AttrInt64s("pads", [0, 0, 0, 0])
+    conv.attributes["pads"] = ir.AttrInt64s("pads", conv_pads)
     if "kernel_shape" in conv.attributes:
         conv.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", folded_kernel)
     return True
 
 
-def _fold_weights(weights: np.ndarray, folded_kernel: list[int]) -> np.ndarray:
-    """[O, C, kh, kw] -> [O, 4C, ceil(kh/2), ceil(kw/2)] in SpaceToDepth's channel order ((r * 2 + s) * C + c)."""
+def _pad(graph: ir.Graph, conv: ir.Node, quantize: ir.Node, amounts: list[int], names: cir.UniqueNames) -> ir.Value:
+    """The quantized input padded by ``amounts`` (ONNX Pad order) with its zero point."""
+    pad_amounts = cir.add_initializer(graph, f"{conv.name}_s2d_pads", np.array(amounts, np.int64), names)
+    zero_point = quantize.inputs[2] if len(quantize.inputs) > 2 else None  # absent: 0, Pad's default too
+    pad = ir.Node("", "Pad", [quantize.outputs[0], pad_amounts, zero_point], name=names.fresh(f"{conv.name}_s2d_pad"))
+    pad.outputs[0].name = names.fresh(f"{conv.name}_s2d_pad")
+    pad.outputs[0].type = quantize.outputs[0].type
+    graph.insert_after(quantize, pad)
+    return pad.outputs[0]
+
+
+def _fold_weights(weights: np.ndarray, folded_kernel: list[int], shifts: list[int]) -> np.ndarray:
+    """[O, C, kh, kw] -> [O, 4C, kh', kw'] in SpaceToDepth's channel order ((r * 2 + s) * C + c).
+
+    The kernel sits ``shifts`` rows and columns into a zero kernel of twice the folded size.
+    """
     out_channels, in_channels, kh, kw = weights.shape
     padded = np.zeros((out_channels, in_channels, BLOCK * folded_kernel[0], BLOCK * folded_kernel[1]), weights.dtype)
-    padded[:, :, :kh, :kw] = weights
+    padded[:, :, shifts[0] : shifts[0] + kh, shifts[1] : shifts[1] + kw] = weights
     blocks = padded.reshape(out_channels, in_channels, folded_kernel[0], BLOCK, folded_kernel[1], BLOCK)
     return np.ascontiguousarray(blocks.transpose(0, 3, 5, 1, 2, 4)).reshape(
         out_channels, BLOCK * BLOCK * in_channels, *folded_kernel
