@@ -23,11 +23,12 @@ from compressor import ir as cir
 def run_in_float(graph: ir.Graph, node: ir.Node) -> None:
     """Prepare ``node``, left in QDQ form, to run in float on the integers its weight and bias store."""
     _dequantize_per_channel(graph, node)
-    _fold_dequantized_constants(graph, node)
+    fold_dequantized_constants(graph, node, (1, 2))
 
 
-def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
-    """Give ``node`` its dequantized weight and bias (inputs 1 and 2) as constants onnxruntime folds at load.
+def fold_dequantized_constants(graph: ir.Graph, node: ir.Node, inputs: tuple[int, ...]) -> None:
+    """Give ``node`` the dequantized constants it reads at ``inputs`` (a weight and bias: 1 and 2; a
+    Gather's table: 0) as constants onnxruntime folds at load.
 
     With a zero zero point the integers stay stored as they are, behind
     ``Cast`` and ``Mul`` by the scale: onnxruntime's constant folding computes
@@ -37,7 +38,7 @@ def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
     float tensor itself is stored.
     """
     names = cir.UniqueNames(graph)
-    for index in (1, 2):
+    for index in inputs:
         value = node.inputs[index] if len(node.inputs) > index else None
         producer = value.producer() if value is not None else None
         if producer is None or producer.op_type != "DequantizeLinear":
@@ -49,7 +50,7 @@ def _fold_dequantized_constants(graph: ir.Graph, node: ir.Node) -> None:
         shape = [1] * len(q.shape)
         if scale.numpy().ndim:
             shape[axis % len(q.shape)] = -1
-        role = "weight" if index == 1 else "bias"
+        role = ("table", "weight", "bias")[index]
         scale_array = scale.numpy().astype(np.float32).reshape(shape)
         if np.any(zero.numpy()):
             steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)

@@ -54,7 +54,10 @@ class OnnxruntimeCPU(Backend):
     @property
     def int8_preferences(self) -> Mapping[str, object]:
         bits = 8 if cpu_has_vnni() else 7
-        return MappingProxyType({"activations": "asymmetric_uint8", "weights": "symmetric", "weight_bits": bits})
+        tables = not self.qdq  # only the fused lowering dequantizes them at load
+        return MappingProxyType(
+            {"activations": "asymmetric_uint8", "weights": "symmetric", "weight_bits": bits, "int8_tables": tables}
+        )
 
     @property
     def times_int8_islands(self) -> bool:

@@ -22,6 +22,7 @@ QUANTIZABLE_OPS = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS  # every othe
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
 INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL})
+TABLE_MIN_ROW_VALUES = 8  # a row's scale takes 2 to 4 bytes: shorter rows gain too little from int8
 
 
 @dataclass
@@ -37,14 +38,19 @@ class QuantizationPlan:
     # through its DequantizeLinear, as every quantized consumer does: the producer then hands one
     # integer tensor to all its consumers and runs as a fused integer op instead of staying float.
     readers: set[int]
+    tables: list[ir.Node]  # Gathers whose constant table is stored in int8 (``config.int8_tables``)
 
     def observed(self) -> list[str]:
         return [name for name in self.tensors if name not in self.shared]
 
     @classmethod
     def build(cls, graph: ir.Graph, config: QuantizeInt8Config) -> QuantizationPlan:
-        quantized, compute, skipped = [], [], {}
+        quantized, compute, skipped, tables = [], [], {}, []
         for node in graph:
+            if config.int8_tables and _stored_table(node, config):
+                tables.append(node)
+                skipped[node.name or node.op_type] = "Gather runs in float, on its table stored in int8 (a scale a row)"
+                continue
             if node.op_type not in QUANTIZABLE_OPS:
                 if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
                     skipped[node.name or node.op_type] = f"{node.op_type} has no int8 form here: runs in float"
@@ -83,7 +89,19 @@ class QuantizationPlan:
                     shared[output.name] = shared.get(node.inputs[0].name, node.inputs[0].name)
                     tensors[output.name] = output
         quantized = [n for n in quantized if id(n) in chosen]
-        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers)
+        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers, tables)
+
+
+def _stored_table(node: ir.Node, config: QuantizeInt8Config) -> bool:
+    """A Gather from a float constant table of rows long enough to store in int8, read by nothing else."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.name in config.keep_float:
+        return False
+    table = node.inputs[0]
+    if table is None or table.const_value is None or table.dtype != ir.DataType.FLOAT or len(table.uses()) != 1:
+        return False
+    shape = table.const_value.shape
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    return len(shape) >= 2 and table.const_value.size // shape[axis] >= TABLE_MIN_ROW_VALUES
 
 
 def _why_float(node: ir.Node, config: QuantizeInt8Config) -> str | None:
