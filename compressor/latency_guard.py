@@ -9,7 +9,8 @@ the integer math saves) quantizing an island can slow the model down.
 `LatencyGuard` times the lowered int8 model against the fp32 one on the backend;
 while int8 is not faster, it tries each island in float (largest first) and
 keeps the change when the model gets faster, as measured side by side,
-interleaved.
+interleaved; if the model is still slower than fp32 after that, it tries all
+islands in float at once.
 """
 
 from __future__ import annotations
@@ -115,10 +116,17 @@ class LatencyGuard:
         self.speedup = fp32_ms / current_ms
         self.history, self.gain = [((), self.speedup)], 1.0
         chosen: frozenset[str] = frozenset()
-        for island in islands:
+        everything = frozenset().union(*islands)
+        tried: set[frozenset[str]] = {chosen}  # the all-int8 model is where the search starts
+        for island in [*islands, everything]:
             if self.speedup >= 1.0 + MARGIN:
                 break
             candidate_nodes = chosen | island
+            if island is everything and (self.speedup >= 1.0 or candidate_nodes in tried):
+                break
+            # That last candidate, every island in float, runs only while the model is still slower
+            # than fp32: islands too small to show a gain one at a time can add up to a slower model.
+            tried.add(candidate_nodes)
             candidate = self.backend.session(build(candidate_nodes), spinning=False)
             fp32_ms, current_ms, candidate_ms = self._time([fp32, now, candidate])
             self.history.append((tuple(sorted(candidate_nodes)), fp32_ms / candidate_ms))

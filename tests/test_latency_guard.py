@@ -177,6 +177,14 @@ def test_guard_puts_every_slower_island_in_float(calib: Path) -> None:
     assert guard.gain > 1.2 and guard.gain == pytest.approx(guard.speedup / guard.history[0][1])  # a fixed fp32 cost
 
 
+def test_guard_tries_all_islands_in_float_when_each_alone_gains_too_little(calib: Path) -> None:
+    # Either island alone saves about 2% (less than MARGIN), both together 4.5%: int8 was 0.96x fp32.
+    chosen, guard = guard_choice(calib, int8_conv=1.04)
+    assert [len(kept) for kept, _ in guard.history] == [0, 3, 2, 5]
+    assert chosen == frozenset({"conv0", "conv1", "conv2", "pool2", "conv3"})
+    assert guard.speedup == pytest.approx(1.0, abs=0.01)
+
+
 def test_compress_reports_the_guard(calib: Path) -> None:
     result = compress(two_island_model(), "int8", calib=calib, measure_latency=False)
     history = result.report.passes[-1]["latency_guard"]
