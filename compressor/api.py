@@ -17,7 +17,7 @@ from compressor.backends import Backend, get_backend
 from compressor.data import Dataset, Samples
 from compressor.errors import UsageError
 from compressor.images import ImageFolder, Preprocess
-from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics
+from compressor.instruments import DumpIR, Instrument, ProgressBar, Timing, VerifyNumerics, stage
 from compressor.latency_guard import LatencyGuard, int8_islands
 from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
 from compressor.passes import import_passes
@@ -105,7 +105,9 @@ def compress(
         backend=backend,
         seed=seed,
     )
-    instruments: list[Instrument] = [Timing(), ProgressBar(progress)]
+    bar = ProgressBar(progress)
+    context.progress = bar.enabled
+    instruments: list[Instrument] = [Timing(), bar]
     if verify:
         instruments.append(VerifyNumerics())
     if dump_ir is not None:
@@ -123,9 +125,11 @@ def compress(
     guard, lowered = None, None
     if target == "int8" and latency_guard and chosen_backend.times_int8_islands and context.calibration is not None:
         guard = LatencyGuard(chosen_backend, context.calibration.first_batch(1))
-        working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working)
+        with stage("timing int8 islands against fp32", bar.enabled):
+            working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working)
     if lowered is None:
-        lowered = chosen_backend.lower(working)
+        with stage(f"lowering for {chosen_backend.name}", bar.enabled):
+            lowered = chosen_backend.lower(working)
     report = Report(
         model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
         target=target,
@@ -147,7 +151,8 @@ def compress(
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
-    _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
+    with stage("measuring the compressed model against the original", bar.enabled):
+        _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
     return Result(working, lowered, report, sensitivity)
 
 

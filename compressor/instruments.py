@@ -4,14 +4,16 @@
 - `VerifyNumerics` runs onnxruntime before and after each pass and enforces the
   pass's `Tolerance`.
 - `DumpIR` writes ``NNN_passname.onnx`` after every pass.
-- `ProgressBar` shows which pass is running.
+- `ProgressBar` shows which pass is running; `stage` names a long step inside
+  or after a pass (calibration has its own bar).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,14 @@ class ProgressBar(Instrument):
     def exit_pipeline(self, model: ir.Model) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@contextmanager
+def stage(description: str, enabled: bool | None = None) -> Iterator[None]:
+    """Name a long step on stderr while it runs; ``enabled`` None: the active `PassContext`'s ``progress``."""
+    show = PassContext.current().progress if enabled is None else enabled
+    line = tqdm(total=0, desc=description, bar_format="{desc}...", disable=not show, leave=False)
+    try:
+        yield
+    finally:
+        line.close()

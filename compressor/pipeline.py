@@ -66,6 +66,7 @@ class PassContext:
     train: Samples | None = None
     backend: str = "cpu"
     seed: int = 0
+    progress: bool = False  # long steps show progress on stderr (`compressor.instruments.stage`)
     options: dict[str, Any] = field(default_factory=dict)
 
     _current: ClassVar[contextvars.ContextVar[PassContext | None]] = contextvars.ContextVar(

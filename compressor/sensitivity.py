@@ -31,6 +31,7 @@ from compressor import runtime
 from compressor.calibration import BATCH_INPUT_ELEMENTS
 from compressor.data import Samples
 from compressor.errors import ModelError
+from compressor.instruments import stage
 from compressor.metrics import compare_outputs
 from compressor.passes.quantize_int8 import (
     CalibrationStats,
@@ -235,12 +236,16 @@ class MixedPrecision:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
         float_model = _as_ir(model)
         batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-        probe = _Probe(float_model, dataset, config.sensitivity_samples, batch_size, stats)
-        best = probe.sqnr_db(_quantized(float_model, config, stats))
+        with stage("int8 model SQNR on calibration data"):
+            probe = _Probe(float_model, dataset, config.sensitivity_samples, batch_size, stats)
+            best = probe.sqnr_db(_quantized(float_model, config, stats))
         self.history = [((), best)]
         target = config.min_sqnr_db
         search = target is not None and best < target and config.max_float_fraction > 0
-        ranked = layer_sensitivity(float_model, dataset, config, stats) if search or self.explain else []
+        ranked = []
+        if search or self.explain:
+            with stage("ranking the layers' int8 sensitivity"):
+                ranked = layer_sensitivity(float_model, dataset, config, stats)
         self.sensitivity = ranked
         if not search:
             return {}
@@ -256,7 +261,8 @@ class MixedPrecision:
                 continue
             names = (*(k.node for k in kept), layer.node)
             variant = replace(config, keep_float=config.keep_float | set(names))
-            sqnr = probe.sqnr_db(_quantized(float_model, variant, stats))
+            with stage(f"mixed precision: trying {layer.node} in float"):
+                sqnr = probe.sqnr_db(_quantized(float_model, variant, stats))
             self.history.append((names, sqnr))
             if sqnr < best + MIN_GAIN_DB:
                 rejected.append(layer)

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_close, conv_bn_model, random_input, run_onnx
 from onnx_ir.passes import PassResult
 
+from compressor.api import compress
 from compressor.data import Dataset
 from compressor.errors import DataError, MissingContextError, PassFailedError
 from compressor.instruments import DumpIR, Instrument, Timing, VerifyNumerics
@@ -169,3 +170,12 @@ def test_dataset_errors_are_user_errors(tmp_path: Path) -> None:
     np.savez(path, x=random_input((4, 3, 9, 9)))
     with pytest.raises(DataError, match="axis 2"):
         Dataset(path, input_specs(model()))
+
+
+def test_progress_names_each_long_step_on_stderr(small_calib: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    compress(conv_bn_model(), "int8", calib=small_calib, measure_latency=False, progress=True)
+    shown = capsys.readouterr().err
+    for step in ("calibrating", "int8 model SQNR", "timing int8 islands", "measuring the compressed model"):
+        assert step in shown, step
+    compress(conv_bn_model(), "int8", calib=small_calib, measure_latency=False, progress=False)
+    assert capsys.readouterr().err == ""
