@@ -125,10 +125,9 @@ def compress(
     guard, lowered = None, None
     if target == "int8" and latency_guard and chosen_backend.times_int8_islands and context.calibration is not None:
         guard = LatencyGuard(chosen_backend, context.calibration.first_batch(1))
-        with stage("timing int8 islands against fp32", bar.enabled):
-            working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working)
+        working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working, context)
     if lowered is None:
-        with stage(f"lowering for {chosen_backend.name}", bar.enabled):
+        with stage("lowering", f" for {chosen_backend.name}", context):
             lowered = chosen_backend.lower(working)
     report = Report(
         model=str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory model>",
@@ -151,13 +150,14 @@ def compress(
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
     known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
-    with stage("measuring the compressed model against the original", bar.enabled):
+    with stage("measuring", " the compressed model against the original", context):
         _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
+    report.steps = {name: round(seconds, 4) for name, seconds in context.steps.items()}
     return Result(working, lowered, report, sensitivity)
 
 
 def _keep_faster_islands(
-    guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model
+    guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model, context: PassContext | None = None
 ) -> tuple[ir.Model, onnx.ModelProto | None]:
     """``model`` with the int8 islands that run faster in float on ``backend`` put back in float.
 
@@ -175,8 +175,10 @@ def _keep_faster_islands(
         return variant, store.stored
 
     reference = quantize.float_model()  # lowered for each timing, so no fp32 proto is held beside the sessions
-    lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
-    slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
+    with stage("lowering", f" for {backend.name}", context):
+        lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
+    with stage("latency guard", ": timing int8 islands against fp32", context):
+        slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:
         return model, lowered if len(guard.history) == 1 else None
     gain = f"in float the model ran {guard.gain:.2f}x faster: {guard.speedup:.2f}x fp32"

@@ -169,6 +169,8 @@ def _main(argv: Sequence[str] | None) -> int:
     for record in result.report.passes:
         status = "changed" if record["modified"] else "no change"
         print(f"  pass {record['name']:<22} {record['seconds'] * 1e3:8.1f} ms  {status}")
+    for name, seconds in result.report.steps.items():
+        print(f"  step {name:<22} {seconds * 1e3:8.1f} ms")
     if args.explain is not None and result.sensitivity:
         from compressor.sensitivity import format_table
 

@@ -143,11 +143,16 @@ class ProgressBar(Instrument):
 
 
 @contextmanager
-def stage(description: str, enabled: bool | None = None) -> Iterator[None]:
-    """Name a long step on stderr while it runs; ``enabled`` None: the active `PassContext`'s ``progress``."""
-    show = PassContext.current().progress if enabled is None else enabled
-    line = tqdm(total=0, desc=description, bar_format="{desc}...", disable=not show, leave=False)
+def stage(name: str, detail: str = "", context: PassContext | None = None, *, announce: bool = True) -> Iterator[None]:
+    """Time a long step into ``context.steps[name]`` (seconds, summed over repeats) and, when
+    ``context.progress`` is on, name it on stderr while it runs (``announce`` False: it shows its own bar).
+    ``context`` defaults to the active one, inside a pass."""
+    context = context or PassContext.current()
+    shown = context.progress and announce
+    line = tqdm(total=0, desc=name + detail, bar_format="{desc}...", disable=not shown, leave=False)
+    start = time.perf_counter()
     try:
         yield
     finally:
+        context.steps[name] = context.steps.get(name, 0.0) + time.perf_counter() - start
         line.close()

@@ -67,6 +67,7 @@ class PassContext:
     backend: str = "cpu"
     seed: int = 0
     progress: bool = False  # long steps show progress on stderr (`compressor.instruments.stage`)
+    steps: dict[str, float] = field(default_factory=dict)  # seconds spent in each named long step
     options: dict[str, Any] = field(default_factory=dict)
 
     _current: ClassVar[contextvars.ContextVar[PassContext | None]] = contextvars.ContextVar(

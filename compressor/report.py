@@ -71,6 +71,7 @@ class Report:
     output: str | None = None
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was not quantized
     lowering: dict[str, list[str]] = field(default_factory=dict)  # backend rewrite -> nodes it applied to
+    steps: dict[str, float] = field(default_factory=dict)  # long step inside or after the passes -> seconds
 
     def table(self) -> str:
         """The summary as a Markdown table."""
@@ -94,6 +95,7 @@ class Report:
             "passes": self.passes,
             "kept_float": self.kept_float,
             "lowering": self.lowering,
+            "steps": self.steps,
         }
         return _finite(data)
 

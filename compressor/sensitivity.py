@@ -236,7 +236,7 @@ class MixedPrecision:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
         float_model = _as_ir(model)
         batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
-        with stage("int8 model SQNR on calibration data"):
+        with stage("int8 SQNR check"):
             probe = _Probe(float_model, dataset, config.sensitivity_samples, batch_size, stats)
             best = probe.sqnr_db(_quantized(float_model, config, stats))
         self.history = [((), best)]
@@ -244,7 +244,7 @@ class MixedPrecision:
         search = target is not None and best < target and config.max_float_fraction > 0
         ranked = []
         if search or self.explain:
-            with stage("ranking the layers' int8 sensitivity"):
+            with stage("sensitivity ranking"):
                 ranked = layer_sensitivity(float_model, dataset, config, stats)
         self.sensitivity = ranked
         if not search:
@@ -261,7 +261,7 @@ class MixedPrecision:
                 continue
             names = (*(k.node for k in kept), layer.node)
             variant = replace(config, keep_float=config.keep_float | set(names))
-            with stage(f"mixed precision: trying {layer.node} in float"):
+            with stage("mixed-precision trials", f": {layer.node} in float"):
                 sqnr = probe.sqnr_db(_quantized(float_model, variant, stats))
             self.history.append((names, sqnr))
             if sqnr < best + MIN_GAIN_DB:

@@ -34,6 +34,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from compressor import calibration
 from compressor.data import Samples
 from compressor.errors import ModelError, UsageError
+from compressor.instruments import stage
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import Pass, PassContext, Tolerance
 from compressor.quant_params import (
@@ -231,15 +232,16 @@ def calibrate(model: ir.Model, dataset: Samples, config: QuantizeInt8Config) -> 
                 means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
     batch_size = dataset.batch_size_for(calibration.BATCH_INPUT_ELEMENTS, config.batch_size)
-    outputs = calibration.collect(
-        model,
-        dataset,
-        observers,
-        num_samples=config.num_samples,
-        batch_size=batch_size,
-        keep_outputs=_reference_samples(model),
-        progress=PassContext.current().progress,
-    )
+    with stage("calibration", announce=False):  # `collect` shows its own bar
+        outputs = calibration.collect(
+            model,
+            dataset,
+            observers,
+            num_samples=config.num_samples,
+            batch_size=batch_size,
+            keep_outputs=_reference_samples(model),
+            progress=PassContext.current().progress,
+        )
     ranges = {name: obs.range() for name, obs in observers.items() if name in plan.tensors}
     samples = min(config.num_samples, dataset.num_samples)
     means_found = {name: obs.mean() for name, obs in means.items() if obs.count}

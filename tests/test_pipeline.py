@@ -172,10 +172,13 @@ def test_dataset_errors_are_user_errors(tmp_path: Path) -> None:
         Dataset(path, input_specs(model()))
 
 
-def test_progress_names_each_long_step_on_stderr(small_calib: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    compress(conv_bn_model(), "int8", calib=small_calib, measure_latency=False, progress=True)
+def test_long_steps_are_timed_and_named_on_stderr(small_calib: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = compress(conv_bn_model(), "int8", calib=small_calib, measure_latency=False, progress=True)
     shown = capsys.readouterr().err
-    for step in ("calibrating", "int8 model SQNR", "timing int8 islands", "measuring the compressed model"):
+    for step in ("calibrating", "int8 SQNR check", "timing int8 islands", "measuring the compressed model"):
         assert step in shown, step
+    steps = result.report.steps
+    assert {"calibration", "int8 SQNR check", "lowering", "latency guard", "measuring"} <= set(steps), steps
+    assert all(seconds > 0 for seconds in steps.values()) and result.report.as_dict()["steps"] == steps
     compress(conv_bn_model(), "int8", calib=small_calib, measure_latency=False, progress=False)
     assert capsys.readouterr().err == ""
