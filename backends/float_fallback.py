@@ -14,6 +14,8 @@ QuantizeLinear, and `run_in_float` prepares it for onnxruntime:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 
@@ -23,12 +25,12 @@ from compressor import ir as cir
 def run_in_float(graph: ir.Graph, node: ir.Node) -> None:
     """Prepare ``node``, left in QDQ form, to run in float on the integers its weight and bias store."""
     _dequantize_per_channel(graph, node)
-    fold_dequantized_constants(graph, node, (1, 2))
+    fold_dequantized_constants(graph, node, {1: "weight", 2: "bias"})
 
 
-def fold_dequantized_constants(graph: ir.Graph, node: ir.Node, inputs: tuple[int, ...]) -> None:
-    """Give ``node`` the dequantized constants it reads at ``inputs`` (a weight and bias: 1 and 2; a
-    Gather's table: 0) as constants onnxruntime folds at load.
+def fold_dequantized_constants(graph: ir.Graph, node: ir.Node, roles: Mapping[int, str]) -> None:
+    """Give ``node`` the dequantized constants it reads at the inputs ``roles`` names (input -> a name
+    for the new initializers) as constants onnxruntime folds at load.
 
     With a zero zero point the integers stay stored as they are, behind
     ``Cast`` and ``Mul`` by the scale: onnxruntime's constant folding computes
@@ -38,7 +40,7 @@ def fold_dequantized_constants(graph: ir.Graph, node: ir.Node, inputs: tuple[int
     float tensor itself is stored.
     """
     names = cir.UniqueNames(graph)
-    for index in inputs:
+    for index, role in roles.items():
         value = node.inputs[index] if len(node.inputs) > index else None
         producer = value.producer() if value is not None else None
         if producer is None or producer.op_type != "DequantizeLinear":
@@ -50,7 +52,6 @@ def fold_dequantized_constants(graph: ir.Graph, node: ir.Node, inputs: tuple[int
         shape = [1] * len(q.shape)
         if scale.numpy().ndim:
             shape[axis % len(q.shape)] = -1
-        role = ("table", "weight", "bias")[index]
         scale_array = scale.numpy().astype(np.float32).reshape(shape)
         if np.any(zero.numpy()):
             steps = (q.numpy().astype(np.int64) - zero.numpy().astype(np.int64).reshape(shape)).astype(np.float32)

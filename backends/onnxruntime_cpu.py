@@ -54,9 +54,9 @@ class OnnxruntimeCPU(Backend):
     @property
     def int8_preferences(self) -> Mapping[str, object]:
         bits = 8 if cpu_has_vnni() else 7
-        tables = not self.qdq  # only the fused lowering dequantizes them at load
+        storage = not self.qdq  # only the fused lowering dequantizes stored weights at load
         return MappingProxyType(
-            {"activations": "asymmetric_uint8", "weights": "symmetric", "weight_bits": bits, "int8_tables": tables}
+            {"activations": "asymmetric_uint8", "weights": "symmetric", "weight_bits": bits, "int8_storage": storage}
         )
 
     @property

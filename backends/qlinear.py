@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor.backends.float_fallback import fold_dequantized_constants, run_in_float
+from compressor.quant_plan import STORED_WEIGHT_INPUTS
 
 MS_DOMAIN = "com.microsoft"
 SAME_PARAMS_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
@@ -305,12 +306,12 @@ def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
     """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form.
 
     A Conv, ConvTranspose, Gemm or MatMul that stays in QDQ form runs in float
-    on its int8 weights (`run_in_float`), and a Gather on its int8 table.
+    on its int8 weights (`run_in_float`), and so does an op whose weights are only stored in int8.
     """
     rejected: dict[str, str] = {}
     for node in list(model.graph):
-        if node.op_type == "Gather" and _reads_dequantized(node):  # an int8 table (`quantize_table_input`)
-            fold_dequantized_constants(model.graph, node, (0,))
+        if node.op_type in STORED_WEIGHT_INPUTS and _reads_dequantized(node):  # `quantize_stored_input`
+            fold_dequantized_constants(model.graph, node, STORED_WEIGHT_INPUTS[node.op_type])
         rule = RULES.get(node.op_type)
         if rule is None or node.domain not in ("", "ai.onnx") or not _reads_dequantized(node):
             continue  # not in QDQ form: float by the quantizer's choice, or already integer

@@ -236,20 +236,20 @@ def quantize_weight_input(
     return scale, shift
 
 
-def quantize_table_input(graph: ir.Graph, node: ir.Node, storage: QuantizeInt8Config, names: UniqueNames) -> None:
-    """Put a Gather's constant table (input 0) behind DequantizeLinear, one scale per row (``storage``'s
-    weight scheme, per channel). A row is what one index gathers (a slice on the Gather's axis), so
-    each embedding keeps its own range however the rows' norms differ."""
-    table = node.inputs[0]
-    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-    axis %= len(table.const_value.shape)
-    q, scale, zero = quantize_weight(table.const_value.numpy().astype(np.float32), axis, storage)
-    base = node.name or table.name
-    inputs = [add_initializer(graph, f"{base}_table_{role}", array, names)
+def quantize_stored_input(
+    graph: ir.Graph, node: ir.Node, index: int, axis: int, storage: QuantizeInt8Config, names: UniqueNames
+) -> None:
+    """Put a constant weight (input ``index``) of a node with no int8 kernel behind DequantizeLinear, a
+    scale per row on ``axis`` (``storage``'s weight scheme, per channel): each embedding of a table,
+    each gate unit of an LSTM, keeps its own range however the rows' norms differ."""
+    value = node.inputs[index]
+    q, scale, zero = quantize_weight(value.const_value.numpy().astype(np.float32), axis, storage)
+    base = f"{node.name or value.name}_input{index}"
+    inputs = [add_initializer(graph, f"{base}_{role}", array, names)
               for role, array in (("quantized", q), ("scale", scale), ("zero_point", zero))]  # fmt: skip
-    dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", axis)], name=f"{base}_table_dq")
+    dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", axis)], name=f"{base}_dq")
     graph.insert_before(node, dq)
-    node.replace_input_with(0, dq.outputs[0])
+    node.replace_input_with(index, dq.outputs[0])
 
 
 def quantize_constant_input(

@@ -22,7 +22,14 @@ QUANTIZABLE_OPS = COMPUTE_OPS | ELEMENTWISE_OPS | PASS_THROUGH_OPS  # every othe
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_OPS = frozenset({"Shape", "Size", "Identity", "Cast"})  # read float tensors, compute nothing to quantize
 INTEGER_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL})
-TABLE_MIN_ROW_VALUES = 8  # a row's scale takes 2 to 4 bytes: shorter rows gain too little from int8
+# Ops with no int8 kernel here whose constant weights can still be stored in int8, a scale per row:
+# op -> {input index: role}. A Gather's row is what one index gathers; an LSTM's, GRU's or RNN's
+# weight [directions, gates * hidden, size] has a row per gate unit (axis 1).
+STORED_WEIGHT_INPUTS: dict[str, dict[int, str]] = {
+    "Gather": {0: "table"},
+    **{op: {1: "weight", 2: "recurrence"} for op in ("LSTM", "GRU", "RNN")},
+}
+STORED_MIN_ROW_VALUES = 8  # a row's scale takes 2 to 4 bytes: shorter rows gain too little from int8
 
 
 @dataclass
@@ -38,18 +45,22 @@ class QuantizationPlan:
     # through its DequantizeLinear, as every quantized consumer does: the producer then hands one
     # integer tensor to all its consumers and runs as a fused integer op instead of staying float.
     readers: set[int]
-    tables: list[ir.Node]  # Gathers whose constant table is stored in int8 (``config.int8_tables``)
+    stored: list[tuple[ir.Node, int, int]]  # (node, input, row axis) stored in int8 (``config.int8_storage``)
 
     def observed(self) -> list[str]:
         return [name for name in self.tensors if name not in self.shared]
 
     @classmethod
     def build(cls, graph: ir.Graph, config: QuantizeInt8Config) -> QuantizationPlan:
-        quantized, compute, skipped, tables = [], [], {}, []
+        quantized, compute, skipped, stored = [], [], {}, []
         for node in graph:
-            if config.int8_tables and _stored_table(node, config):
-                tables.append(node)
-                skipped[node.name or node.op_type] = "Gather runs in float, on its table stored in int8 (a scale a row)"
+            inputs = _stored_inputs(node, config) if config.int8_storage else []
+            if inputs:
+                stored += [(node, index, axis) for index, axis in inputs]
+                roles = " and ".join(STORED_WEIGHT_INPUTS[node.op_type][index] for index, _ in inputs)
+                skipped[node.name or node.op_type] = (
+                    f"{node.op_type} runs in float, its {roles} stored in int8 (a scale a row)"
+                )
                 continue
             if node.op_type not in QUANTIZABLE_OPS:
                 if node.op_type not in FUSED_ACTIVATIONS | SHAPE_OPS and _activation_inputs(node):
@@ -89,19 +100,28 @@ class QuantizationPlan:
                     shared[output.name] = shared.get(node.inputs[0].name, node.inputs[0].name)
                     tensors[output.name] = output
         quantized = [n for n in quantized if id(n) in chosen]
-        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers, tables)
+        return cls(quantized, [n for n in compute if id(n) in chosen], tensors, shared, skipped, readers, stored)
 
 
-def _stored_table(node: ir.Node, config: QuantizeInt8Config) -> bool:
-    """A Gather from a float constant table of rows long enough to store in int8, read by nothing else."""
-    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.name in config.keep_float:
-        return False
-    table = node.inputs[0]
-    if table is None or table.const_value is None or table.dtype != ir.DataType.FLOAT or len(table.uses()) != 1:
-        return False
-    shape = table.const_value.shape
-    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-    return len(shape) >= 2 and table.const_value.size // shape[axis] >= TABLE_MIN_ROW_VALUES
+def _stored_inputs(node: ir.Node, config: QuantizeInt8Config) -> list[tuple[int, int]]:
+    """(input, row axis) of ``node``'s float constant weights to store in int8: rows long enough,
+    and read by nothing else (int8 beside a float copy would add bytes)."""
+    roles = STORED_WEIGHT_INPUTS.get(node.op_type)
+    if roles is None or node.domain not in ("", "ai.onnx") or node.name in config.keep_float:
+        return []
+    found = []
+    for index in roles:
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT or len(value.uses()) != 1:
+            continue
+        shape = value.const_value.shape
+        if node.op_type == "Gather":
+            axis = (node.attributes["axis"].as_int() if "axis" in node.attributes else 0) % max(len(shape), 1)
+        else:
+            axis = 1
+        if len(shape) >= 2 and value.const_value.size // shape[axis] >= STORED_MIN_ROW_VALUES:
+            found.append((index, axis))
+    return found
 
 
 def _why_float(node: ir.Node, config: QuantizeInt8Config) -> str | None:

@@ -44,7 +44,7 @@ from compressor.quant_params import (
     activation_params,
     quantize_constant_input,
     quantize_node_weights,
-    quantize_table_input,
+    quantize_stored_input,
 )
 from compressor.quant_plan import QUANTIZABLE_OPS, QuantizationPlan
 
@@ -90,10 +90,11 @@ class QuantizeInt8Config:
     min_sqnr_db: float | None = 30.0
     max_float_fraction: float = 0.1  # of the compute MACs
     sensitivity_samples: int = 16  # calibration samples per model-SQNR measurement
-    # Gather tables (embeddings) stored in int8, one scale per gathered row. For backends that
-    # dequantize constant weights when they load the model (`Backend.dequantizes_weights_at_load`);
-    # elsewhere every run would dequantize the whole table.
-    int8_tables: bool = False
+    # Constant weights of ops with no int8 kernel (Gather tables, LSTM/GRU/RNN matrices: see
+    # `quant_plan.STORED_WEIGHT_INPUTS`) stored in int8, a scale per row, the op itself in float. For
+    # backends that dequantize constant weights when they load the model
+    # (`Backend.dequantizes_weights_at_load`); elsewhere every run would dequantize them again.
+    int8_storage: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -115,8 +116,8 @@ class QuantizeInt8Config:
             raise UsageError("int8 config: sensitivity_samples must be >= 1")
 
 
-# Tables are only stored in int8 (a Gather has no integer kernel to stay fast for): full 8 bits.
-TABLE_STORAGE = QuantizeInt8Config(weights="symmetric", weight_bits=8, per_channel=True)
+# Weights that are only stored in int8 have no integer kernel to stay fast for: full 8 bits.
+STORAGE = QuantizeInt8Config(weights="symmetric", weight_bits=8, per_channel=True)
 
 
 @dataclass(frozen=True)
@@ -296,8 +297,8 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
             if value is not None and value.const_value is not None and value.dtype == ir.DataType.FLOAT:
                 quantize_constant_input(graph, node, index, config, names)
     corrected: dict[str, float] = {}
-    for node in plan.tables:
-        quantize_table_input(graph, node, TABLE_STORAGE, names)
+    for node, index, axis in plan.stored:
+        quantize_stored_input(graph, node, index, axis, STORAGE, names)
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
         mean = mean if config.bias_correction else None
         shift = quantize_node_weights(graph, node, input_params, config, mean, names, stats.weights)

@@ -1,4 +1,5 @@
-"""Gather tables (embeddings) in int8: stored a scale per row, dequantized when onnxruntime loads the model."""
+"""Weights of ops with no int8 kernel (Gather tables, LSTM matrices) stored in int8 a scale per row, and
+dequantized when onnxruntime loads the model."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_embedding_table_is_stored_int8_and_runs_as_a_float_gather(calib: Path) 
 def test_each_row_keeps_its_own_scale(calib: Path) -> None:
     model = ir.serde.deserialize_model(text_model())
     table = model.graph.initializers["table"].const_value.numpy()
-    quantize = QuantizeInt8(QuantizeInt8Config(int8_tables=True, min_sqnr_db=None))
+    quantize = QuantizeInt8(QuantizeInt8Config(int8_storage=True, min_sqnr_db=None))
     context = PassContext(calibration=Dataset(calib, runtime.input_specs(model)))
     Pipeline([quantize]).run(model, context)
     gather = next(node for node in model.graph if node.name == "embed")
@@ -101,3 +102,44 @@ def test_qdq_form_keep_float_and_shared_tables_stay_float(calib: Path) -> None:
     assert float_tables(kept.lowered) and "int8" not in kept.report.kept_float.get("embed", "")
     tied = compress(text_model(tied=True), "int8", calib=calib, **options).lowered
     assert float_tables(tied), "a table another node reads stays float: int8 beside it would add bytes"
+
+
+def lstm_model(hidden: int = 24, features: int = 12) -> onnx.ModelProto:
+    """x [N, T, F] -> Transpose -> LSTM -> last hidden state -> Gemm: a torch batch-first LSTM export."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 8 * hidden)).astype(np.float32), "B"),
+        numpy_helper.from_array(np.array([0], np.int64), "first"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (5, hidden)).astype(np.float32), "w_out"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["time_major"], name="to_time_major", perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["time_major", "W", "R", "B"], ["", "last"], name="lstm", hidden_size=hidden),
+        helper.make_node("Squeeze", ["last", "first"], ["state"], name="squeeze"),
+        helper.make_node("Gemm", ["state", "w_out"], ["logits"], name="classify", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10, features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_lstm_matrices_are_stored_int8_per_gate_row(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (32, 10, 12)).astype(np.float32))
+    model = lstm_model()
+    result = compress(model, "int8", calib=tmp_path / "calib.npz", measure_latency=False, latency_guard=False)
+    lowered = result.lowered
+    types = {tuple(t.dims): t.data_type for t in lowered.graph.initializer}
+    assert types[(1, 96, 12)] == types[(1, 96, 24)] == TensorProto.INT8, "W and R"
+    assert types[(1, 192)] == TensorProto.FLOAT, "the bias stays float"
+    assert "DequantizeLinear" not in {n.op_type for n in lowered.graph.node}
+    assert "weight and recurrence stored in int8" in result.report.kept_float["lstm"]
+    x = rng.normal(0, 1, (16, 10, 12)).astype(np.float32)
+    # The Gemm runs in int8 too: measured 40.2 dB, and 41.2 dB with the LSTM kept float (file 2.6x smaller).
+    assert sqnr_db(run_onnx(model, {"x": x})[0], run_onnx(lowered, {"x": x})[0]) > 35.0
