@@ -242,7 +242,7 @@ class MixedPrecision:
         self.history = [((), best)]
         target = config.min_sqnr_db
         search = target is not None and best < target and config.max_float_fraction > 0
-        ranked = []
+        ranked: list[LayerSensitivity] = []
         if search or self.explain:
             with stage("sensitivity ranking"):
                 ranked = layer_sensitivity(float_model, dataset, config, stats)
