@@ -225,14 +225,7 @@ def quantize_weight_input(
                 if array is not None:
                     array.setflags(write=False)  # shared by every model built from the memo
             memo[key] = q, scale, zero, shift
-    base = node.name or weight.name
-    q_value = add_initializer(graph, f"{base}_weight_quantized", q, names)
-    scale_value = add_initializer(graph, f"{base}_weight_scale", scale, names)
-    zero_value = add_initializer(graph, f"{base}_weight_zero_point", zero, names)
-    attrs = [ir.AttrInt64("axis", axis)] if scale.ndim else []
-    dq = ir.Node("", "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{base}_weight_dq")
-    graph.insert_before(node, dq)
-    node.replace_input_with(1, dq.outputs[0])
+    _read_through_dequantize(graph, node, 1, f"{node.name or weight.name}_weight", (q, scale, zero), axis, names)
     return scale, shift
 
 
@@ -243,13 +236,8 @@ def quantize_stored_input(
     scale per row on ``axis`` (``storage``'s weight scheme, per channel): each embedding of a table,
     each gate unit of an LSTM, keeps its own range however the rows' norms differ."""
     value = node.inputs[index]
-    q, scale, zero = quantize_weight(value.const_value.numpy().astype(np.float32), axis, storage)
-    base = f"{node.name or value.name}_input{index}"
-    inputs = [add_initializer(graph, f"{base}_{role}", array, names)
-              for role, array in (("quantized", q), ("scale", scale), ("zero_point", zero))]  # fmt: skip
-    dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", axis)], name=f"{base}_dq")
-    graph.insert_before(node, dq)
-    node.replace_input_with(index, dq.outputs[0])
+    quantized = quantize_weight(value.const_value.numpy().astype(np.float32), axis, storage)
+    _read_through_dequantize(graph, node, index, f"{node.name or value.name}_input{index}", quantized, axis, names)
 
 
 def quantize_constant_input(
@@ -261,11 +249,25 @@ def quantize_constant_input(
     array = value.const_value.numpy().astype(np.float32)
     params = activation_params(min(float(array.min()), 0.0), max(float(array.max()), 0.0), config)
     q = np.clip(np.round(array / params.scale) + params.zero_point, params.qmin, params.qmax).astype(params.dtype)
-    base = f"{node.name or value.name}_input{index}"
-    q_value = add_initializer(graph, f"{base}_quantized", q, names)
-    scale = add_initializer(graph, f"{base}_scale", np.array(params.scale, np.float32), names)
-    zero = add_initializer(graph, f"{base}_zero_point", np.array(params.zero_point, params.dtype), names)
-    dequantize = ir.Node("", "DequantizeLinear", [q_value, scale, zero], name=f"{base}_dq")
+    scale, zero = np.array(params.scale, np.float32), np.array(params.zero_point, params.dtype)
+    _read_through_dequantize(graph, node, index, f"{node.name or value.name}_input{index}", (q, scale, zero), 0, names)
+
+
+def _read_through_dequantize(
+    graph: ir.Graph,
+    node: ir.Node,
+    index: int,
+    prefix: str,
+    quantized: tuple[np.ndarray, np.ndarray, np.ndarray],
+    axis: int,
+    names: UniqueNames,
+) -> None:
+    """Make input ``index`` of ``node`` a DequantizeLinear of the (integers, scale, zero point) in ``quantized``,
+    stored as ``<prefix>_quantized`` / ``_scale`` / ``_zero_point``; per ``axis`` when the scale is a vector."""
+    values = [add_initializer(graph, f"{prefix}_{role}", array, names)
+              for role, array in zip(("quantized", "scale", "zero_point"), quantized, strict=True)]  # fmt: skip
+    attributes = [ir.AttrInt64("axis", axis)] if quantized[1].ndim else []
+    dequantize = ir.Node("", "DequantizeLinear", values, attributes=attributes, name=f"{prefix}_dq")
     graph.insert_before(node, dequantize)
     node.replace_input_with(index, dequantize.outputs[0])
 
