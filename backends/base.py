@@ -105,12 +105,16 @@ class Backend(abc.ABC):
         runs: int | None = None,
         seconds: float = 1.0,
         max_runs: int = 500,
+        warmup: int = 3,
     ) -> list[metrics.Latency]:
-        """`latency` for sessions already built here with spinning off (a caller timing one model in many rounds)."""
+        """`latency` for sessions already built here with spinning off (a caller timing one model in many rounds).
+
+        Each timing starts with ``warmup`` untimed runs of every session.
+        """
         if runs is None:
-            estimate = metrics.interleaved_latency(sessions, feeds, runs=QUICK_RUNS)
+            estimate = metrics.interleaved_latency(sessions, feeds, runs=QUICK_RUNS, warmup=warmup)
             runs = int(np.clip(seconds * 1e3 / sum(t.median_ms for t in estimate), 20, max_runs))
-        return metrics.interleaved_latency(sessions, feeds, runs=runs)
+        return metrics.interleaved_latency(sessions, feeds, runs=runs, warmup=warmup)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threads={self.threads})"

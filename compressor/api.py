@@ -63,6 +63,7 @@ def compress(
     dump_ir: str | os.PathLike | None = None,
     progress: bool | None = None,
     measure_latency: bool = True,
+    measure_fidelity: bool = True,
     latency_guard: bool = True,
     threads: int = runtime.DEFAULT_THREADS,
     int8: Mapping[str, object] | None = None,
@@ -76,7 +77,9 @@ def compress(
     ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``) or folders of
     images, read with ``preprocess`` (see `compressor.images.Preprocess.parse`). ``int8``
     overrides fields of `QuantizeInt8Config` (the backend's fast-path choices are
-    the defaults); ``qdq`` keeps the portable QDQ form instead of fused
+    the defaults); ``measure_latency`` and ``measure_fidelity`` turn off the
+    report's timing and its accuracy/SQNR rows (each re-runs both models; a build
+    that measures elsewhere skips them). ``qdq`` keeps the portable QDQ form instead of fused
     integer operators. The int8 path quantizes with bias correction (and, when
     ``equalize`` is set, equalizes Conv pairs first), then keeps the most sensitive layers in
     float while the output SQNR on calibration data is below
@@ -125,7 +128,7 @@ def compress(
     guard, lowered = None, None
     if target == "int8" and latency_guard and chosen_backend.times_int8_islands and context.calibration is not None:
         guard = LatencyGuard(chosen_backend, context.calibration.first_batch(1))
-        working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working, context)
+        working, lowered = _keep_faster_islands(guard, quantize, chosen_backend, working, original.runnable, context)
     if lowered is None:
         with stage("lowering", f" for {chosen_backend.name}", context):
             lowered = chosen_backend.lower(working)
@@ -149,17 +152,26 @@ def compress(
             record["mixed_precision"] = [{"kept_float": list(kept), "sqnr_db": db} for kept, db in mixed.history]
         if guard is not None:
             report.passes[-1]["latency_guard"] = [{"kept_float": list(kept), "speedup": x} for kept, x in guard.history]
-    known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
     with stage("measuring", " the compressed model against the original", context):
-        _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency, known)
+        _measure(report, original, lowered, working, chosen_backend, context, specs, measure_latency)
+        if measure_fidelity:
+            known = quantize.calibrated.outputs if target == "int8" and quantize.calibrated is not None else ()
+            _measure_fidelity(report, original, lowered, chosen_backend, context, specs, known)
     report.steps = {name: round(seconds, 4) for name, seconds in context.steps.items()}
     return Result(working, lowered, report, sensitivity)
 
 
 def _keep_faster_islands(
-    guard: LatencyGuard, quantize: QuantizeInt8, backend: Backend, model: ir.Model, context: PassContext | None = None
+    guard: LatencyGuard,
+    quantize: QuantizeInt8,
+    backend: Backend,
+    model: ir.Model,
+    fp32: str | onnx.ModelProto,
+    context: PassContext | None = None,
 ) -> tuple[ir.Model, onnx.ModelProto | None]:
-    """``model`` with the int8 islands that run faster in float on ``backend`` put back in float.
+    """``model`` with the int8 islands that run faster in float on ``backend`` than in int8 put back in float.
+
+    ``fp32`` is the model as given (a path or a proto): the speed int8 must beat.
 
     Their convs still store int8 weights (`StoreWeightsInt8`) where the backend dequantizes them at load.
     Also returns the model's lowering when the backend's last lowering was of it (no island tried), else None.
@@ -174,11 +186,10 @@ def _keep_faster_islands(
             store(variant)
         return variant, store.stored
 
-    reference = quantize.float_model()  # lowered for each timing, so no fp32 proto is held beside the sessions
     with stage("lowering", f" for {backend.name}", context):
         lowered = backend.lower(model)  # last, so the backend's record of its rewrites is this model's
     with stage("latency guard", ": timing int8 islands against fp32", context):
-        slower = guard(reference, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
+        slower = guard(fp32, lowered, lambda also_float: backend.lower(floated(also_float)[0]), islands)
     if not slower:
         return model, lowered if len(guard.history) == 1 else None
     gain = f"in float the model ran {guard.gain:.2f}x faster: {guard.speedup:.2f}x fp32"
@@ -228,15 +239,19 @@ def _dataset(
 class _Original:
     """The model as given: size and cost measured on entry, and what a session on it runs.
 
-    A file input is not held through every pass: onnxruntime reads the file again if the report needs it.
+    A file input is not held through every pass: onnxruntime reads the file again when the latency
+    guard or the report times or runs fp32. Its size is its bytes on disk.
     """
 
     __slots__ = ("cost", "runnable", "size")
 
     def __init__(self, model: str | os.PathLike | ir.Model | onnx.ModelProto, working: ir.Model) -> None:
         proto = cir.to_proto(working)
-        self.size, self.cost = model_size_bytes(proto), compute_cost(proto)
-        self.runnable: str | onnx.ModelProto = str(model) if isinstance(model, (str, os.PathLike)) else proto
+        self.cost = compute_cost(proto)
+        if isinstance(model, (str, os.PathLike)):
+            self.size, self.runnable = cir.file_bytes(model, working), str(model)
+        else:
+            self.size, self.runnable = model_size_bytes(proto), proto
 
 
 def _measure(
@@ -248,13 +263,11 @@ def _measure(
     context: PassContext,
     specs: Sequence[runtime.InputSpec],
     measure_latency: bool,
-    known: Sequence[np.ndarray] = (),
 ) -> None:
-    """Fill the summary rows: size, MACs, params, latency, then accuracy or fidelity.
+    """Fill the summary rows: size, MACs, params and latency.
 
     MACs and params are counted on the compressed IR (standard ONNX ops, so shape
-    inference sees them) rather than on the backend's lowering. ``known`` holds
-    the float model's outputs on the first calibration samples, if calibration kept them.
+    inference sees them) rather than on the backend's lowering.
     """
     before, after = original.cost, compute_cost(compressed)
     report.rows += [
@@ -268,7 +281,6 @@ def _measure(
         fp32_latency, new_latency = backend.latency([original.runnable, lowered], feeds)
         label = f"latency (batch 1, {backend.threads} threads, median)"
         report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
-    _measure_fidelity(report, original, lowered, backend, context, specs, known)
 
 
 def _measure_fidelity(

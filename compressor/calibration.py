@@ -23,8 +23,12 @@ from compressor.data import Samples
 
 METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 # Input values per batch for runs that keep many intermediate tensors alive at once (224x224
-# images: 3 per batch); activation memory grows with the input size.
+# images: one per batch); activation memory grows with the input size.
 BATCH_INPUT_ELEMENTS = 2**17
+# ...and for runs that keep only one forward pass's activations alive: a calibration run whose
+# observers are all fed by reductions inside the model, or a model-output check (224x224 images:
+# 6 per batch, which calibrates ResNet-18 about 10% faster than one at a time).
+FORWARD_BATCH_INPUT_ELEMENTS = 2**20
 
 
 class Observer(abc.ABC):
@@ -335,9 +339,7 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
         bounds = observer.inner if isinstance(observer, ChannelMeanObserver) else observer
         value = values.get(name)
         rank = len(value.shape) if value is not None and value.shape is not None else None
-        if not isinstance(bounds, (MinMaxObserver, MovingAverageObserver, type(None))) or (
-            isinstance(observer, ChannelMeanObserver) and rank is None
-        ):
+        if _reads_whole_tensor(observer, value):
             full = output(name, _elem_type(value))
             readers.append(lambda outputs, rows, o=observer, n=full: o.update(outputs[n]))
             continue
@@ -352,6 +354,20 @@ def _instrumented(model: ir.Model, observers: Mapping[str, Observer]) -> tuple[o
             means = reduce("ReduceMean", name, [a for a in range(rank) if a != axis], source=pooled)
             readers.append(lambda outputs, rows, o=observer, m=means: o.update_means(outputs[m], rows))
     return proto, readers
+
+
+def batch_input_elements(model: ir.Model, observers: Mapping[str, Observer]) -> int:
+    """The input values a calibration batch may hold: more when no observer reads a whole tensor."""
+    values = ir.convenience.create_value_mapping(model.graph)
+    whole = any(_reads_whole_tensor(observer, values.get(name)) for name, observer in observers.items())
+    return BATCH_INPUT_ELEMENTS if whole else FORWARD_BATCH_INPUT_ELEMENTS
+
+
+def _reads_whole_tensor(observer: Observer | None, value: ir.Value | None) -> bool:
+    """Whether ``observer`` needs the tensor itself as an output, rather than reductions of it."""
+    if isinstance(observer, ChannelMeanObserver):
+        return value is None or value.shape is None or _reads_whole_tensor(observer.inner, value)
+    return not isinstance(observer, (MinMaxObserver, MovingAverageObserver, type(None)))
 
 
 def _bounds_reader(observer: MinMaxObserver | MovingAverageObserver, low: str | None, high: str) -> Reader:

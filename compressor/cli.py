@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for measurements (default 2)")
-    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--no-latency", action="store_true", help="skip the report's latency measurement")
+    parser.add_argument(
+        "--no-fidelity",
+        action="store_true",
+        help="skip the report's accuracy/SQNR rows (they re-run both models on the --eval or --calib data)",
+    )
     parser.add_argument(
         "--keep-slow-int8",
         action="store_true",
@@ -153,6 +158,7 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=args.seed,
         dump_ir=args.dump_ir,
         measure_latency=not args.no_latency,
+        measure_fidelity=not args.no_fidelity,
         latency_guard=not args.keep_slow_int8,
         threads=args.threads,
         int8=_int8_overrides(args),
@@ -165,7 +171,8 @@ def _main(argv: Sequence[str] | None) -> int:
     result.save(output, force=force)
     print(result.report.table())
     evaluation_info = result.report.evaluation
-    print(f"\nevaluated on {evaluation_info['samples']} samples from {evaluation_info['source']} data")
+    if evaluation_info:
+        print(f"\nevaluated on {evaluation_info['samples']} samples from {evaluation_info['source']} data")
     for record in result.report.passes:
         status = "changed" if record["modified"] else "no change"
         print(f"  pass {record['name']:<22} {record['seconds'] * 1e3:8.1f} ms  {status}")

@@ -145,6 +145,15 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def file_bytes(path: str | os.PathLike, model: ir.Model) -> int:
+    """Bytes on disk of the ONNX file ``path`` (loaded as ``model``) and of the external-data files it references."""
+    files = {Path(path)}
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            files.add(Path(value.const_value.path))
+    return sum(file.stat().st_size for file in files)
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialise to a self-contained `ModelProto`, reading external weights into memory."""
     if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:

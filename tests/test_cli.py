@@ -318,6 +318,18 @@ def test_eval_with_labels_adds_accuracy(tmp_path: Path, model: Path, capsys: pyt
     assert "40 samples" in out
 
 
+def test_no_fidelity_skips_the_accuracy_rows(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_npz(tmp_path / "eval.npz", n=40)
+    report = tmp_path / "r.json"
+    code, out, err = run_cli([model, "--eval", data, "--no-latency", "--no-fidelity", "--report", report], capsys)
+    assert code == 0, err
+    summary = json.loads(report.read_text())["summary"]
+    assert "size" in summary and not {"SQNR vs fp32", "top-1 accuracy"} & summary.keys()
+    assert "evaluated on" not in out
+    # The model's size before is its file's.
+    assert summary["size"]["fp32"] == model.stat().st_size
+
+
 def test_dump_ir(tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dump = tmp_path / "ir"
     code, _, err = run_cli([model, "--no-latency", "--dump-ir", dump], capsys)

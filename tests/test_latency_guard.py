@@ -13,6 +13,7 @@ import pytest
 from conftest import float_model, random_input, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from compressor import ir as cir
 from compressor import runtime
 from compressor.api import _keep_faster_islands, compress
 from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
@@ -150,6 +151,7 @@ class CountingCPU(OnnxruntimeCPU):
         runs: int | None = None,
         seconds: float = 1.0,
         max_runs: int = 500,
+        warmup: int = 3,
     ) -> list[Latency]:
         return [Latency(cost, cost, cost, runs or 1) for cost in (self.costs[id(s)] for s in sessions)]
 
@@ -200,7 +202,8 @@ def test_islands_put_in_float_keep_int8_weights(calib: Path) -> None:
     model, quantize = quantized(two_island_model(), calib)
     backend = CountingCPU(int8_conv=1.5)
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
-    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
+    fp32 = cir.to_proto(quantize.float_model())
+    variant, _ = _keep_faster_islands(guard, quantize, backend, model, fp32)
     convs = {"conv0", "conv1", "conv2", "conv3"}
     assert {n for n, why in quantize.skipped.items() if "weights stay int8" in why} == convs
     lowered = backend.lower(variant)
@@ -222,8 +225,7 @@ def test_islands_keep_float_weights_where_the_backend_would_dequantize_every_cal
     backend = CountingCPU(int8_conv=1.5, dequantize=1.0)
     backend.qdq = True  # the QDQ form, as on CUDA: a weight DequantizeLinear would run on every call
     assert not backend.dequantizes_weights_at_load
-    variant, _ = _keep_faster_islands(
-        LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))}), quantize, backend, model
-    )
+    guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
+    variant, _ = _keep_faster_islands(guard, quantize, backend, model, cir.to_proto(quantize.float_model()))
     assert not [n for n in variant.graph if n.op_type == "DequantizeLinear"]
     assert not [why for why in quantize.skipped.values() if "weights stay int8" in why]
