@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from compressor import ir as cir
 from compressor import runtime
-from compressor.calibration import BATCH_INPUT_ELEMENTS, FORWARD_BATCH_INPUT_ELEMENTS
+from compressor.calibration import BATCH_INPUT_ELEMENTS
 from compressor.data import Samples
 from compressor.errors import ModelError
 from compressor.instruments import stage
@@ -236,7 +236,7 @@ class MixedPrecision:
         if dataset is None:
             raise ModelError("the mixed-precision search needs calibration data: pass --calib DATA.npz")
         float_model = _as_ir(model)
-        batch_size = dataset.batch_size_for(FORWARD_BATCH_INPUT_ELEMENTS, config.batch_size)  # outputs only
+        batch_size = dataset.batch_size_for(BATCH_INPUT_ELEMENTS, config.batch_size)
         with stage("int8 SQNR check"):
             probe = _Probe(float_model, dataset, config.sensitivity_samples, batch_size, stats)
             best = probe.sqnr_db(_quantized(float_model, config, stats))

@@ -232,7 +232,7 @@ def calibrate(model: ir.Model, dataset: Samples, config: QuantizeInt8Config) -> 
             if name not in means and node.op_type in BIAS_CORRECTED_OPS:
                 means[name] = calibration.ChannelMeanObserver(1 if node.op_type == "Conv" else -1, observers.get(name))
                 observers[name] = means[name]
-    batch_size = dataset.batch_size_for(calibration.batch_input_elements(model, observers), config.batch_size)
+    batch_size = dataset.batch_size_for(calibration.BATCH_INPUT_ELEMENTS, config.batch_size)
     with stage("calibration", announce=False):  # `collect` shows its own bar
         outputs = calibration.collect(
             model,

@@ -66,15 +66,6 @@ class TestObservers:
             np.testing.assert_allclose(observers[name].mean(), tensor.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(kept[0], values[names[0]][:24], rtol=1e-6)
 
-    def test_batches_grow_only_when_no_observer_reads_a_whole_tensor(self) -> None:
-        model = imported(DEMO_ONNX)
-        conv_inputs = list(dict.fromkeys(n.inputs[0].name for n in model.graph if n.op_type == "Conv"))
-        reduced = {name: calibration.ChannelMeanObserver(1, calibration.MinMaxObserver()) for name in conv_inputs}
-        assert calibration.batch_input_elements(model, reduced) == calibration.FORWARD_BATCH_INPUT_ELEMENTS
-        whole = {**reduced, conv_inputs[-1]: calibration.make_observer("percentile")}
-        assert calibration.batch_input_elements(model, whole) == calibration.BATCH_INPUT_ELEMENTS
-        assert calibration.FORWARD_BATCH_INPUT_ELEMENTS > calibration.BATCH_INPUT_ELEMENTS
-
     @pytest.mark.parametrize(
         ("elem_type", "dtype", "pooled"),
         [
