@@ -35,6 +35,7 @@ DEFAULT_MODELS = (*FMNIST, "resnet18_224")
 SLOW_MODELS = ("efficientnet_lite0", "resnet50_224")
 # Calibration-set sizes per model for scale.md: the zoo's own set, up to our default of 256 samples, and beyond.
 SCALE_SWEEP = {"resnet18_224": (64, 128, 256), "resnet50_224": (512,)}
+SCALE_REPEATS = 3  # compiles per row in scale.md: one wall time varies by about ±5% here
 LARGE_INPUT = 100_000  # input elements per sample above which heavy recipes need --slow
 
 OURS_FP32 = Recipe("ours fp32 (reference)", "ours", "fp32", peers.ours_fp32)
@@ -123,9 +124,14 @@ def load_models(names: Sequence[str]) -> tuple[list[ZooModel], list[str]]:
 
 
 def run_rows(
-    models: Sequence[ZooModel], recipes: Sequence[Recipe], runs: int, eval_limit: int | None, slow: bool = True
+    models: Sequence[ZooModel],
+    recipes: Sequence[Recipe],
+    runs: int,
+    eval_limit: int | None,
+    slow: bool = True,
+    repeats: int = 1,
 ) -> list[Row]:
-    """Measure every recipe on every model, one child process at a time.
+    """Measure every recipe on every model, one child process at a time (``repeats`` per recipe, see `measure`).
 
     Without ``slow``, heavy recipes are not run on large-input models; their rows say so.
     """
@@ -137,7 +143,7 @@ def run_rows(
                 note = "not run: slow and memory-hungry at 224×224 (add --slow)"
                 row = Row(model.name, recipe.name, recipe.family, recipe.kind, note=note)
             else:
-                row = harness.measure(model, recipe, runs=runs, eval_limit=eval_limit)
+                row = harness.measure(model, recipe, runs=runs, eval_limit=eval_limit, repeats=repeats)
             drop = "—" if row.drop_pt is None else f"{row.drop_pt:+.2f} pt"
             took = time.perf_counter() - start
             print(f"{model.name:>18} | {recipe.name:<58} | {drop:>10} | {took:5.0f} s | {row.note}", flush=True)
@@ -233,13 +239,16 @@ def run_scale(runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for model in models:
             for count in SCALE_SWEEP[model.name]:
-                rows += run_rows([with_calib_samples(model, count, Path(tmp))], SCALE, runs=runs, eval_limit=256)
+                sized = [with_calib_samples(model, count, Path(tmp))]
+                rows += run_rows(sized, SCALE, runs=runs, eval_limit=256, repeats=SCALE_REPEATS)
     notes = [
         "int8 of the random-weight ResNets at 224×224, calibrated on photo crops (one sample per call for "
         "onnxruntime), at several calibration-set sizes: what each tool's compile costs per sample, and what it "
         "costs whatever the size. Agreement and SQNR on the first 256 eval crops. *ours int8* is "
         "`compressor.compress(target='int8')` as it is today; *no search, no guard* drops the two measured "
-        "steps, whose cost does not grow with the calibration set.",
+        "steps, whose cost does not grow with the calibration set. Each row compiles "
+        f"{SCALE_REPEATS} times, each time in a fresh child process: s is the median wall time, MB the largest "
+        "peak RSS.",
     ]
     write_results(Table("scale", "Compile cost against calibration-set size", SCALE, notes), rows, skipped)
 

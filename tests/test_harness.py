@@ -26,7 +26,8 @@ def demo():
 
 @pytest.fixture(scope="module")
 def fp32_row(demo) -> Row:
-    return harness.measure(demo, Recipe("ours fp32", "ours", "fp32", peers.ours_fp32), runs=3)
+    # Two compiles, each in its own child: the wall time is their median.
+    return harness.measure(demo, Recipe("ours fp32", "ours", "fp32", peers.ours_fp32), runs=3, repeats=2)
 
 
 def test_ours_fp32_matches_the_original(fp32_row: Row) -> None:
