@@ -103,7 +103,7 @@ class LatencyGuard:
 
     def __call__(
         self,
-        reference: ir.Model | onnx.ModelProto | str,
+        reference: ir.Model | onnx.ModelProto,
         current: onnx.ModelProto,
         build: Callable[[frozenset[str]], onnx.ModelProto],
         islands: list[frozenset[str]],

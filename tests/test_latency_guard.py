@@ -13,7 +13,6 @@ import pytest
 from conftest import float_model, random_input, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor import ir as cir
 from compressor import runtime
 from compressor.api import _keep_faster_islands, compress
 from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
@@ -202,8 +201,7 @@ def test_islands_put_in_float_keep_int8_weights(calib: Path) -> None:
     model, quantize = quantized(two_island_model(), calib)
     backend = CountingCPU(int8_conv=1.5)
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
-    fp32 = cir.to_proto(quantize.float_model())
-    variant, _ = _keep_faster_islands(guard, quantize, backend, model, fp32)
+    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
     convs = {"conv0", "conv1", "conv2", "conv3"}
     assert {n for n, why in quantize.skipped.items() if "weights stay int8" in why} == convs
     lowered = backend.lower(variant)
@@ -226,6 +224,6 @@ def test_islands_keep_float_weights_where_the_backend_would_dequantize_every_cal
     backend.qdq = True  # the QDQ form, as on CUDA: a weight DequantizeLinear would run on every call
     assert not backend.dequantizes_weights_at_load
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
-    variant, _ = _keep_faster_islands(guard, quantize, backend, model, cir.to_proto(quantize.float_model()))
+    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
     assert not [n for n in variant.graph if n.op_type == "DequantizeLinear"]
     assert not [why for why in quantize.skipped.values() if "weights stay int8" in why]
