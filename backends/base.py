@@ -55,6 +55,10 @@ class Backend(abc.ABC):
         """
         return False
 
+    def timed_choices(self) -> Mapping[str, object]:
+        """What the last lowering chose by timing, as `compressor.recipe.BackendSettings` fields to pin it."""
+        return {}
+
     def check_available(self) -> None:  # noqa: B027 - optional hook, most backends always run
         """Raise `BackendUnavailableError` if this backend cannot run here."""
 

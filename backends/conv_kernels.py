@@ -22,7 +22,7 @@ import re
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +42,28 @@ Key = tuple[str, tuple[int, ...], str]
 
 
 class ConvKernelChooser:
-    """Moves each dense QLinearConv to the GEMM path where profiling shows it faster."""
+    """Moves each dense QLinearConv to the GEMM path where profiling shows it faster.
 
-    __slots__ = ("choices", "threads")
+    With ``pinned`` (the names a recorded run chose), those convs take the GEMM path and
+    nothing is profiled, so the lowering repeats that run's exactly.
+    """
 
-    def __init__(self, threads: int = runtime.DEFAULT_THREADS) -> None:
+    __slots__ = ("choices", "pinned", "threads")
+
+    def __init__(self, threads: int = runtime.DEFAULT_THREADS, pinned: Iterable[str] | None = None) -> None:
         self.threads = threads
+        self.pinned = frozenset(pinned) if pinned is not None else None
         self.choices: dict[Key, bool] = {}  # conv -> runs on the GEMM path
 
-    def __call__(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-        """``model`` (fused integer form) with the faster path for each conv; profiles convs not seen before."""
+    def __call__(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None) -> onnx.ModelProto:
+        """``model`` (fused integer form) with the faster path for each conv; profiles convs not seen before.
+
+        Without ``feeds`` (a symbolic input dimension) nothing can be profiled and only pinned convs move.
+        """
         candidates = _candidates(model)
+        if self.pinned is not None or feeds is None:
+            chosen = [node for node in candidates if node in (self.pinned or ())]
+            return offset_weights(model, chosen) if chosen else model
         unknown = [node for node in candidates if _key(node, candidates[node]) not in self.choices]
         if unknown:
             self._profile(model, {node: candidates[node] for node in unknown}, feeds)

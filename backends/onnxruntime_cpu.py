@@ -15,7 +15,7 @@ portable QDQ form instead.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -47,9 +47,13 @@ class OnnxruntimeCPU(Backend):
     name = "cpu"
     providers = ("CPUExecutionProvider",)
 
-    def __init__(self, threads: int = runtime.DEFAULT_THREADS, qdq: bool = False) -> None:
+    def __init__(
+        self, threads: int = runtime.DEFAULT_THREADS, qdq: bool = False, gemm_convs: Iterable[str] | None = None
+    ) -> None:
+        """``gemm_convs`` pins the convs that take the GEMM path (no profiling); by default AMX CPUs profile."""
         super().__init__(threads, qdq)
-        self.conv_kernels = ConvKernelChooser(threads) if cpu_has_amx() else None
+        wanted = gemm_convs is not None or cpu_has_amx()
+        self.conv_kernels = ConvKernelChooser(threads, gemm_convs) if wanted else None
 
     @property
     def int8_preferences(self) -> Mapping[str, object]:
@@ -67,6 +71,11 @@ class OnnxruntimeCPU(Backend):
     def dequantizes_weights_at_load(self) -> bool:
         return not self.qdq  # `float_fallback.run_in_float`
 
+    def timed_choices(self) -> Mapping[str, object]:
+        if self.qdq:
+            return {}
+        return {"gemm_convs": tuple(self.rewrites.get("conv_on_gemm_path", ()))}  # `ConvKernelChooser`
+
     def executable(self, model: ir.Model) -> ir.Model | onnx.ModelProto:
         # The float and QDQ lowerings only serialize and trim: the model runs as it is, and the
         # rewrites recorded for the int8 model the caller lowered last stay that model's.
@@ -81,8 +90,8 @@ class OnnxruntimeCPU(Backend):
         self.rejected = lower_to_qlinear(working)
         depthwise = depthwise_stems(working.graph)
         lowered = cir.to_proto(working)
-        feeds = _profile_feeds(working) if self.conv_kernels is not None else None
-        if feeds is not None:
+        if self.conv_kernels is not None:
+            feeds = _profile_feeds(working) if self.conv_kernels.pinned is None else None
             lowered = self.conv_kernels(lowered, feeds)
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
         compacted = compact(lowered)

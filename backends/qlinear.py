@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor.backends.float_fallback import fold_dequantized_constants, run_in_float
-from compressor.quant_plan import STORED_WEIGHT_INPUTS
+from compressor.quantization.plan import STORED_WEIGHT_INPUTS
 
 MS_DOMAIN = "com.microsoft"
 SAME_PARAMS_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})

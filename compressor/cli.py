@@ -9,8 +9,12 @@ import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compressor.errors import CompressorError, UsageError
+
+if TYPE_CHECKING:
+    from compressor.recipe import Recipe
 
 EXAMPLES = """\
 examples:
@@ -23,6 +27,8 @@ examples:
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
+  compress --target int8 --calibration entropy --print-recipe > r.toml   write the job down, edit it
+  compress model.onnx --recipe r.toml --calib calib.npz                  run it (or a report's recipe)
 
 data files are .npz with 'x' (float32, the model's input layout) and optional 'y'
 (int64 labels); multi-input models use one array per input name.
@@ -32,6 +38,13 @@ exit status: 0 ok, 2 bad input or usage, 1 internal error (please report it).
 # Flags of capabilities still being built: accepted by the parser so the user
 # gets "not implemented yet" rather than "unrecognised argument".
 PLANNED_FLAGS = ("prune", "prune_method", "lowrank", "train", "tune", "records")
+# Flags that describe the job, so a --recipe already says them: flag -> its default when not given.
+RECIPE_FLAGS = {
+    "target": None, "backend": None, "format": None, "calibration": None, "keep_float": None, "min_sqnr": None,
+    "explain": None, "seed": None, "threads": None, "no_latency": False, "no_fidelity": False,
+    "keep_slow_int8": False,
+}  # fmt: skip
+EXPLAIN_ROWS = 10
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     parser.add_argument("--demo", action="store_true", help="use the bundled demo model and data")
-    parser.add_argument("--target", default="fp32", help="fp32 or int8 (int16: not implemented yet)")
+    parser.add_argument("--target", help="fp32 (default) or int8 (int16: not implemented yet)")
+    parser.add_argument("--recipe", metavar="FILE", help="run the job a .toml/.json recipe (or a --report file) holds")
+    parser.add_argument(
+        "--print-recipe", action="store_true", help="print the recipe the other flags describe (TOML) and exit"
+    )
     parser.add_argument("-o", "--output", help="output .onnx (default: MODEL.<target>.onnx beside the input)")
     parser.add_argument("--calib", help="calibration data: .npz, or a folder of images")
     parser.add_argument("--eval", help="evaluation data: .npz (with 'y' for accuracy), or a folder of images")
@@ -62,11 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="for image folders: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw "
         "(defaults: straight resize to the model's size, scale=1/255, no normalisation, nchw)",
     )
-    parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--backend", help="cpu (default) or cuda")
     parser.add_argument(
         "--format",
         choices=["fused", "qdq"],
-        default="fused",
         help="int8 output: fused integer ops (fastest on CPU, default) or portable QDQ",
     )
     parser.add_argument(
@@ -74,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
         help="int8 calibration method (default minmax)",
     )
-    parser.add_argument("--keep-float", nargs="+", default=[], metavar="NODE", help="nodes to leave in float")
+    parser.add_argument("--keep-float", nargs="+", metavar="NODE", help="nodes to leave in float")
     parser.add_argument(
         "--min-sqnr",
         type=float,
@@ -86,15 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain",
         type=int,
         nargs="?",
-        const=10,
+        const=EXPLAIN_ROWS,
         metavar="N",
         help="int8: measure each layer's sensitivity and print the N most sensitive (default 10)",
     )
     parser.add_argument("--report", help="write the summary and per-pass records as JSON")
     parser.add_argument("--verify", action="store_true", help="check each pass's numerics against onnxruntime")
     parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for measurements (default 2)")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads for measurements (default 2)")
     parser.add_argument("--no-latency", action="store_true", help="skip the report's latency measurement")
     parser.add_argument(
         "--no-fidelity",
@@ -141,30 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    model, calib, evaluation, output, force = _resolve_paths(args)
+    planned = [f"--{name.replace('_', '-')}" for name in PLANNED_FLAGS if getattr(args, name) is not None]
+    if planned:
+        raise UsageError(f"{', '.join(planned)}: not implemented yet; use --target fp32 or int8 for now")
+    _check_recipe_flags(args)
+    recipe = _recipe(args)  # heavy imports from here on: the flags are valid
+    if args.print_recipe:
+        print(recipe.to_toml(), end="")
+        return 0
+    model, calib, evaluation, output, force = _resolve_paths(args, recipe.target)
     demo_folder = args.demo and output.parent == DEMO_FOLDER
-    unimplemented = [f"--{name.replace('_', '-')}" for name in PLANNED_FLAGS if getattr(args, name) is not None]
 
-    from compressor.api import compress  # heavy imports only after the arguments are valid
+    from compressor.api import compress
 
     result = compress(
         model,
-        args.target,
+        recipe=recipe,
         calib=calib,
         eval=evaluation,
         preprocess=args.preprocess,
-        backend=args.backend,
         verify=args.verify,
-        seed=args.seed,
         dump_ir=args.dump_ir,
-        measure_latency=not args.no_latency,
-        measure_fidelity=not args.no_fidelity,
-        latency_guard=not args.keep_slow_int8,
-        threads=args.threads,
-        int8=_int8_overrides(args),
-        qdq=args.format == "qdq",
-        explain=args.explain is not None,
-        unimplemented=unimplemented,
     )
     if demo_folder:
         DEMO_FOLDER.mkdir(exist_ok=True)  # only the demo creates a folder, and only its own
@@ -178,12 +191,13 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"  pass {record['name']:<22} {record['seconds'] * 1e3:8.1f} ms  {status}")
     for name, seconds in result.report.steps.items():
         print(f"  step {name:<22} {seconds * 1e3:8.1f} ms")
-    if args.explain is not None and result.sensitivity:
-        from compressor.sensitivity import format_table
+    explained = args.explain or (EXPLAIN_ROWS if any(getattr(c, "explain", False) for c in recipe.stages) else 0)
+    if explained and result.sensitivity:
+        from compressor.quantization.sensitivity import format_table
 
-        print(f"\nmost sensitive layers (each layer's output SQNR with only that layer in int8), {args.explain} of "
+        print(f"\nmost sensitive layers (each layer's output SQNR with only that layer in int8), {explained} of "
               f"{len(result.sensitivity)}:")  # fmt: skip
-        print(format_table(result.sensitivity, args.explain))
+        print(format_table(result.sensitivity, explained))
     if result.report.kept_float:
         print(f"left in float ({len(result.report.kept_float)}):")
         by_reason: dict[str, list[str]] = {}
@@ -205,6 +219,43 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:LISTED_NAMES]) + (f", ... {more} more" if more > 0 else "")
 
 
+def _check_recipe_flags(args: argparse.Namespace) -> None:
+    """Flag checks that need no imports: --recipe against the flags it replaces, ranges, int8-only flags."""
+    if args.recipe is not None:
+        given = [f"--{name.replace('_', '-')}" for name, unset in RECIPE_FLAGS.items() if getattr(args, name) != unset]
+        if given:
+            raise UsageError(f"--recipe {args.recipe} describes the whole job; drop {', '.join(given)} "
+                             "(or set it in the recipe)")  # fmt: skip
+        return
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if (args.explain is not None or args.min_sqnr is not None) and args.target != "int8":
+        raise UsageError("--explain and --min-sqnr apply to --target int8 only")
+    if args.explain is not None and args.explain < 1:
+        raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    from compressor.recipe import Recipe
+
+    if args.recipe is not None:
+        return Recipe.load(args.recipe)
+    options = {
+        "backend": args.backend, "threads": args.threads, "qdq": None if args.format is None else args.format == "qdq",
+        "seed": args.seed, "explain": True if args.explain is not None else None,
+    }  # fmt: skip
+    return Recipe.from_options(
+        args.target or "fp32",
+        **{name: value for name, value in options.items() if value is not None},  # type: ignore[arg-type]
+        latency_guard=not args.keep_slow_int8,
+        measure_latency=not args.no_latency,
+        measure_fidelity=not args.no_fidelity,
+        int8=_int8_overrides(args),
+    )
+
+
 def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if args.calibration:
@@ -216,7 +267,7 @@ def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
-def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | None, Path, bool]:
+def _resolve_paths(args: argparse.Namespace, target: str) -> tuple[Path, str | None, str | None, Path, bool]:
     """Check every path before any work, so bad input fails fast and writes nothing."""
     force = args.force
     if args.demo:
@@ -228,7 +279,7 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         evaluation = args.eval or str(demo / "demo.npz")
         if args.output is None:
             # The demo's own folder, created only once the run succeeded; its output is re-written every run.
-            args.output = str(DEMO_FOLDER / f"demo.{args.target}.onnx")
+            args.output = str(DEMO_FOLDER / f"demo.{target}.onnx")
             force = True
     elif args.model is None:
         raise UsageError("no model given; pass MODEL.onnx or --demo")
@@ -236,7 +287,7 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         model, calib, evaluation = Path(args.model), args.calib, args.eval
     if not model.is_file():
         raise UsageError(f"model file not found: {model}; check the path")
-    output = Path(args.output) if args.output else model.with_name(f"{model.stem}.{args.target}.onnx")
+    output = Path(args.output) if args.output else model.with_name(f"{model.stem}.{target}.onnx")
     if output.resolve() == model.resolve():
         raise UsageError(f"output {output} is the input model; choose another path with -o")
     if output.is_dir():
@@ -260,14 +311,6 @@ def _resolve_paths(args: argparse.Namespace) -> tuple[Path, str | None, str | No
         raise UsageError(f"--dump-ir {args.dump_ir} is a file; pass a folder (it is created if missing)")
     if args.dump_ir and Path(args.dump_ir).resolve() in {model.resolve().parent, output.resolve().parent}:
         raise UsageError(f"--dump-ir {args.dump_ir} holds the input or output model; pass a folder of its own")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if (args.explain is not None or args.min_sqnr is not None) and args.target != "int8":
-        raise UsageError("--explain and --min-sqnr apply to --target int8 only")
-    if args.explain is not None and args.explain < 1:
-        raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
     return model, calib, evaluation, output, force
 
 

@@ -23,6 +23,10 @@ class UsageError(CompressorError):
     """Flags that contradict each other, name something unknown, or are not implemented yet."""
 
 
+class ConfigError(UsageError):
+    """A recipe or config table with an unknown key, a value of the wrong type, or an impossible combination."""
+
+
 class MissingContextError(CompressorError):
     """A pipeline pass needs data (calibration, labels, training set) that was not given."""
 

@@ -72,6 +72,7 @@ class Report:
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was not quantized
     lowering: dict[str, list[str]] = field(default_factory=dict)  # backend rewrite -> nodes it applied to
     steps: dict[str, float] = field(default_factory=dict)  # long step inside or after the passes -> seconds
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe that ran (`Recipe.to_dict`), choices pinned
 
     def table(self) -> str:
         """The summary as a Markdown table."""
@@ -96,6 +97,7 @@ class Report:
             "kept_float": self.kept_float,
             "lowering": self.lowering,
             "steps": self.steps,
+            "recipe": self.recipe,
         }
         return _finite(data)
 

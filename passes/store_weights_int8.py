@@ -18,10 +18,10 @@ from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor.ir import UniqueNames
-from compressor.passes.quantize_int8 import QuantizeInt8Config
 from compressor.pipeline import Pass, Tolerance
-from compressor.quant_params import quantize_weight_input
-from compressor.quant_plan import COMPUTE_OPS
+from compressor.quantization.int8 import QuantizeInt8Config
+from compressor.quantization.params import quantize_weight_input
+from compressor.quantization.plan import COMPUTE_OPS
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from conftest import DEMO_ONNX
 from onnx import TensorProto, helper
 from test_quantize_int8 import imported
 
-from compressor import calibration, runtime
 from compressor import ir as cir
+from compressor import runtime
 from compressor.data import Dataset
+from compressor.quantization import calibration
 
 
 class TestObservers:

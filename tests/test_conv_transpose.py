@@ -18,7 +18,7 @@ from compressor.backends import get_backend
 from compressor.data import Dataset
 from compressor.metrics import sqnr_db
 from compressor.passes.quantize_int8 import QuantizeInt8Config
-from compressor.sensitivity import layer_sensitivity
+from compressor.quantization.sensitivity import layer_sensitivity
 
 
 def decoder_model() -> onnx.ModelProto:

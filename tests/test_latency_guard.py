@@ -14,13 +14,14 @@ from conftest import float_model, random_input, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor import runtime
-from compressor.api import _keep_faster_islands, compress
+from compressor.api import compress
+from compressor.backends.latency_guard import LatencyGuard, int8_islands
 from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
 from compressor.data import Dataset
-from compressor.latency_guard import LatencyGuard, int8_islands
 from compressor.metrics import Latency, sqnr_db
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from compressor.pipeline import PassContext, Pipeline
+from compressor.stages.quantize_int8 import keep_faster_islands
 
 CONFIG = QuantizeInt8Config(min_sqnr_db=None, bias_correction=False, weight_bits=7)
 
@@ -201,7 +202,7 @@ def test_islands_put_in_float_keep_int8_weights(calib: Path) -> None:
     model, quantize = quantized(two_island_model(), calib)
     backend = CountingCPU(int8_conv=1.5)
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
-    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
+    variant, _, _ = keep_faster_islands(guard, quantize, backend, model)
     convs = {"conv0", "conv1", "conv2", "conv3"}
     assert {n for n, why in quantize.skipped.items() if "weights stay int8" in why} == convs
     lowered = backend.lower(variant)
@@ -224,6 +225,6 @@ def test_islands_keep_float_weights_where_the_backend_would_dequantize_every_cal
     backend.qdq = True  # the QDQ form, as on CUDA: a weight DequantizeLinear would run on every call
     assert not backend.dequantizes_weights_at_load
     guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
-    variant, _ = _keep_faster_islands(guard, quantize, backend, model)
+    variant, _, _ = keep_faster_islands(guard, quantize, backend, model)
     assert not [n for n in variant.graph if n.op_type == "DequantizeLinear"]
     assert not [why for why in quantize.skipped.values() if "weights stay int8" in why]

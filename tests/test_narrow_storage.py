@@ -21,7 +21,7 @@ from compressor.data import Dataset
 from compressor.passes import import_passes
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from compressor.pipeline import PassContext, Pipeline
-from compressor.quant_params import half_exact
+from compressor.quantization.params import half_exact
 
 DEMO_NPZ = DEMO_ONNX.with_suffix(".npz")
 

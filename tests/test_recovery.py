@@ -22,7 +22,7 @@ from compressor.passes import import_passes
 from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config, calibrate
 from compressor.pipeline import PassContext, Pipeline
-from compressor.sensitivity import MixedPrecision, layer_sensitivity
+from compressor.quantization.sensitivity import MixedPrecision, layer_sensitivity
 
 DEMO_NPZ = DEMO_ONNX.with_suffix(".npz")
 PLAIN = QuantizeInt8Config(bias_correction=False, min_sqnr_db=None, equalize=False)

@@ -1,6 +1,6 @@
 """The int8 quantization plan: which nodes of a float graph run quantized, and which tensors get Q/DQ.
 
-`QuantizeInt8` (`compressor.passes.quantize_int8`) calibrates the tensors a plan
+`compressor.quantization.int8` calibrates the tensors a plan
 names and rewrites the graph by it; the latency guard and the weight-only pass
 read the op sets.
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from compressor.passes.quantize_int8 import QuantizeInt8Config
+    from compressor.quantization.int8 import QuantizeInt8Config
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.backends.base import QUICK_RUNS, Backend
-from compressor.quant_plan import QUANTIZABLE_OPS
+from compressor.quantization.plan import QUANTIZABLE_OPS
 
 # A candidate must beat the current model by this fraction to count: less is noise here.
 MARGIN = 0.03

@@ -28,20 +28,20 @@ import onnx_ir as ir
 
 from compressor import ir as cir
 from compressor import runtime
-from compressor.calibration import BATCH_INPUT_ELEMENTS
 from compressor.data import Samples
 from compressor.errors import ModelError
 from compressor.instruments import stage
 from compressor.metrics import compare_outputs
-from compressor.passes.quantize_int8 import (
+from compressor.pipeline import PassContext
+from compressor.quantization.calibration import BATCH_INPUT_ELEMENTS
+from compressor.quantization.int8 import (
     CalibrationStats,
     QuantizeInt8Config,
     apply_quantization,
     calibrate,
     quantizable_nodes,
 )
-from compressor.pipeline import PassContext
-from compressor.quant_params import activation_params, quantize_node_weights, weight_channel_axis
+from compressor.quantization.params import activation_params, quantize_node_weights, weight_channel_axis
 
 BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float whatever it costs
 MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost
@@ -78,7 +78,7 @@ def layer_sensitivity(
 ) -> list[LayerSensitivity]:
     """One entry per quantizable compute node of the float ``model`` (not modified), worst SQNR first.
 
-    ``stats`` (from `compressor.passes.quantize_int8.calibrate`) is computed
+    ``stats`` (from `compressor.quantization.int8.calibrate`) is computed
     here when not given; ``samples`` defaults to `rank_samples`.
     """
     config = config or QuantizeInt8Config()

@@ -1,0 +1,119 @@
+"""The report's measurements: the compressed model against the original, on the same backend.
+
+Size, MACs and params always; latency and fidelity (accuracy, top-1 agreement,
+SQNR) when the recipe's ``measure`` settings ask for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from compressor import ir as cir
+from compressor import runtime
+from compressor.backends import Backend
+from compressor.metrics import compare_outputs, compute_cost, model_size_bytes, top1_accuracy, top1_agreement
+from compressor.pipeline import PassContext
+from compressor.report import Report, Row
+
+FIDELITY_BATCH_ELEMENTS = 2**20  # input values per batch when measuring: 6 images at 224x224, 32 at 28x28
+EVAL_LIMIT_WITHOUT_EVAL_SET = 128  # calibration samples re-run for the report when no --eval is given
+
+
+class Original:
+    """The model as given: size and cost measured on entry, and what a session on it runs.
+
+    A file input is not held through every pass: onnxruntime reads the file again if the report needs it.
+    Its size is its bytes on disk.
+    """
+
+    __slots__ = ("cost", "runnable", "size")
+
+    def __init__(self, model: str | os.PathLike | ir.Model | onnx.ModelProto, working: ir.Model) -> None:
+        proto = cir.to_proto(working)
+        self.cost = compute_cost(proto)
+        if isinstance(model, (str, os.PathLike)):
+            self.size, self.runnable = cir.file_bytes(model, working), str(model)
+        else:
+            self.size, self.runnable = model_size_bytes(proto), proto
+
+
+def summary(
+    report: Report,
+    original: Original,
+    lowered: onnx.ModelProto,
+    compressed: ir.Model,
+    backend: Backend,
+    context: PassContext,
+    specs: Sequence[runtime.InputSpec],
+    measure_latency: bool,
+) -> None:
+    """Fill the summary rows: size, MACs, params and latency.
+
+    MACs and params are counted on the compressed IR (standard ONNX ops, so shape
+    inference sees them) rather than on the backend's lowering.
+    """
+    before, after = original.cost, compute_cost(compressed)
+    report.rows += [
+        Row("size", original.size, model_size_bytes(lowered), "bytes"),
+        Row("MACs (batch 1)", before.macs, after.macs, "count"),
+        Row("params", before.params, after.params, "count"),
+    ]
+    data = context.evaluation or context.calibration
+    if measure_latency:
+        feeds = data.first_batch(1) if data is not None else runtime.random_feeds(specs, 1, context.seed)
+        fp32_latency, new_latency = backend.latency([original.runnable, lowered], feeds)
+        label = f"latency (batch 1, {backend.threads} threads, median)"
+        report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
+
+
+def fidelity(
+    report: Report,
+    original: Original,
+    lowered: onnx.ModelProto,
+    backend: Backend,
+    context: PassContext,
+    specs: Sequence[runtime.InputSpec],
+    known: Sequence[np.ndarray],
+) -> None:
+    """Fill the fidelity rows: top-1 accuracy (with labels), top-1 agreement and SQNR against the original.
+
+    Runs on the eval data, else the first calibration samples, else random inputs; ``known`` holds float
+    outputs calibration already computed for the first calibration samples.
+    """
+    session = backend.session(lowered)
+    reference_logits, logits, labels = [], [], []
+    if context.evaluation is not None or context.calibration is not None:
+        data = context.evaluation or context.calibration
+        limit = None if context.evaluation is not None else min(EVAL_LIMIT_WITHOUT_EVAL_SET, data.num_samples)
+        source = "eval" if context.evaluation is not None else "calib"
+        if source == "calib" and known and len(known[0]) >= limit:
+            reference_logits.append(known[0][:limit])  # calibration already ran the float model on these
+        reference_session = None if reference_logits else backend.session(original.runnable)
+        for batch in data.batches(batch_size=data.batch_size_for(FIDELITY_BATCH_ELEMENTS, 32), limit=limit):
+            if reference_session is not None:
+                reference_logits.append(backend.run(reference_session, batch.feeds)[0])
+            logits.append(backend.run(session, batch.feeds)[0])
+            if batch.labels is not None:
+                labels.append(batch.labels)
+    else:
+        source = "random"
+        feeds = runtime.random_feeds(specs, 32, context.seed)
+        reference_logits.append(backend.run(backend.session(original.runnable), feeds)[0])
+        logits.append(backend.run(session, feeds)[0])
+    reference, output = np.concatenate(reference_logits), np.concatenate(logits)
+    report.evaluation = {"source": source, "samples": int(reference.shape[0])}
+    if labels and source == "eval":
+        truth = np.concatenate(labels)
+        report.rows.append(
+            Row("top-1 accuracy", top1_accuracy(reference, truth), top1_accuracy(output, truth), "fraction")
+        )
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        report.rows.append(Row("top-1 agreement vs fp32", 1.0, top1_agreement(reference, output), "fraction"))
+    comparison = compare_outputs([reference], [output])
+    report.rows.append(Row("SQNR vs fp32", float("inf"), comparison.sqnr_db, "db"))
+    report.evaluation["max_abs_error"] = comparison.max_abs_error
