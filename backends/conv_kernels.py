@@ -60,7 +60,7 @@ class ConvKernelChooser:
 
         Without ``feeds`` (a symbolic input dimension) nothing can be profiled and only pinned convs move.
         """
-        candidates = _candidates(model)
+        candidates = gemm_path_candidates(model)
         if self.pinned is not None or feeds is None:
             chosen = [node for node in candidates if node in (self.pinned or ())]
             return offset_weights(model, chosen) if chosen else model
@@ -89,7 +89,7 @@ def _key(node: str, weight: onnx.TensorProto) -> Key:
     return node, tuple(weight.dims), weight.name
 
 
-def _candidates(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+def gemm_path_candidates(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Named dense QLinearConvs with their own symmetric int8 weight (zero point 0, no -128), by name."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     uses: dict[str, int] = defaultdict(int)

@@ -33,6 +33,9 @@ from benchmarks.zoo import ZooModel, get
 FMNIST = ("demo", "resnet", "mobilenetv2", "squeezenet", "shufflenetv2", "vgg")
 DEFAULT_MODELS = (*FMNIST, "resnet18_224")
 SLOW_MODELS = ("efficientnet_lite0", "resnet50_224")
+# Random weights (benchmarks/models.py): they measure speed and agreement with fp32, not accuracy, so the
+# headline's loss columns leave them out and report their worst agreement in a column of its own.
+LATENCY_ONLY = ("resnet18_224", "resnet50_224")
 # Calibration-set sizes per model for scale.md: the zoo's own set, up to our default of 256 samples, and beyond.
 SCALE_SWEEP = {"resnet18_224": (64, 128, 256), "resnet50_224": (512,)}
 SCALE_REPEATS = 3  # compiles per row in scale.md: one wall time varies by about ±5% here
@@ -164,7 +167,7 @@ def _fmt(kind: str, value: float | None) -> str:
 
 
 SUMMARY: dict[str, tuple[str, str, Callable[[list[Row]], float | None]]] = {
-    "median_loss": ("median loss (pt)", "pt", lambda ok: _median([r.drop_pt for r in ok])),
+    "median_loss": ("median loss (pt)", "pt", lambda ok: _median([r.drop_pt for r in _scored(ok)])),
     "size": ("median × smaller", "x", lambda ok: _median([r.size_ratio for r in ok])),
     "macs": ("median MACs removed", "%", lambda ok: _median([r.macs_removed for r in ok])),
     "params": ("median params kept", "%", lambda ok: _median([r.params_fraction for r in ok])),
@@ -181,20 +184,35 @@ SUMMARY_KEYS = {
 }
 
 
+def _scored(ok: Sequence[Row]) -> list[Row]:
+    """The rows whose loss says something about accuracy: trained models only."""
+    return [r for r in ok if r.drop_pt is not None and r.model not in LATENCY_ONLY]
+
+
 def summary_lines(rows: Sequence[Row], recipes: Sequence[Recipe], keys: Sequence[str]) -> list[str]:
-    """Per-method headline: models measured, worst loss (and on which model), then medians over models."""
-    headers = ["method", "models ok", "worst loss (pt)", *(SUMMARY[k][0] for k in keys)]
+    """Per-method headline: models measured, worst loss on a trained model, medians over models.
+
+    Latency-only (random-weight) models count in the speed and size medians; their worst agreement with
+    fp32 gets the last column, so the loss columns say what the accuracy is.
+    """
+    latency_only = sorted({r.model for r in rows if r.model in LATENCY_ONLY})
+    headers = ["method", "models ok", "worst loss (pt), trained models", *(SUMMARY[k][0] for k in keys)]
+    if latency_only:
+        headers.append(f"worst agreement, random weights ({', '.join(latency_only)})")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for recipe in recipes:
         mine = [r for r in rows if r.recipe == recipe.name]
         ok = [r for r in mine if r.ok]
-        scored = [r for r in ok if r.drop_pt is not None]
-        worst = max(scored, key=lambda r: r.drop_pt, default=None)
+        worst = max(_scored(ok), key=lambda r: r.drop_pt, default=None)
         worst_text = f"{_fmt('pt', worst.drop_pt)} ({worst.model})" if worst else "—"
         if not ok and mine:
             worst_text = mine[0].note.replace("|", "\\|")[:100]
         cells = [recipe.name, f"{len(ok)}/{len(mine)}", worst_text]
         cells += [_fmt(SUMMARY[k][1], SUMMARY[k][2](ok)) for k in keys]
+        if latency_only:
+            agreeing = [r for r in ok if r.model in LATENCY_ONLY and r.agreement is not None]
+            least = min(agreeing, key=lambda r: r.agreement, default=None)
+            cells.append(f"{_fmt('%', least.agreement)} ({least.model})" if least else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -128,7 +128,7 @@ def demo_outputs(model: onnx.ModelProto) -> np.ndarray:
 
 
 def test_offset_weights_are_the_same_weights(demo_fused: onnx.ModelProto) -> None:
-    convs = list(conv_kernels._candidates(demo_fused))
+    convs = list(conv_kernels.gemm_path_candidates(demo_fused))
     assert len(convs) >= 5
     shifted = offset_weights(demo_fused, convs)
     zeros = [n.input[5] for n in shifted.graph.node if n.op_type == "QLinearConv"]
@@ -138,12 +138,12 @@ def test_offset_weights_are_the_same_weights(demo_fused: onnx.ModelProto) -> Non
 
 def test_candidates_skip_weights_that_cannot_shift(demo_fused: onnx.ModelProto) -> None:
     proto = onnx.ModelProto.FromString(demo_fused.SerializeToString())
-    first = next(n for n in proto.graph.node if n.name in conv_kernels._candidates(proto))
+    first = next(n for n in proto.graph.node if n.name in conv_kernels.gemm_path_candidates(proto))
     weight = next(t for t in proto.graph.initializer if t.name == first.input[3])
     values = numpy_helper.to_array(weight).copy()
     values.flat[0] = -128
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    assert first.name not in conv_kernels._candidates(proto)
+    assert first.name not in conv_kernels.gemm_path_candidates(proto)
 
 
 def test_chooser_profiles_once_and_changes_no_output(
@@ -156,7 +156,7 @@ def test_chooser_profiles_once_and_changes_no_output(
     feeds = {"input": random_input((1, 1, 28, 28))}
     first = chooser(demo_fused, feeds)
     assert len(calls) == 1
-    assert len(chooser.choices) == len(conv_kernels._candidates(demo_fused))
+    assert len(chooser.choices) == len(conv_kernels.gemm_path_candidates(demo_fused))
     again = chooser(demo_fused, feeds)
     assert len(calls) == 1, "a second lowering of the same convs must reuse the choices"
     assert again.SerializeToString() == first.SerializeToString()
