@@ -19,7 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compressor.ir import UniqueNames
 from compressor.pipeline import Pass, Tolerance
-from compressor.quantization.int8 import QuantizeInt8Config
+from compressor.quantization.int8_config import QuantizeInt8Config
 from compressor.quantization.params import quantize_weight_input
 from compressor.quantization.plan import COMPUTE_OPS
 

@@ -19,7 +19,7 @@ from compressor.backends.conv_kernels import OFFSET_ZERO_NAME, gemm_path_candida
 from compressor.backends.latency_guard import int8_islands
 from compressor.config import NONE, from_mapping, search_space, to_mapping
 from compressor.errors import ConfigError, UsageError
-from compressor.quantization.int8 import QuantizeInt8Config
+from compressor.quantization.int8_config import QuantizeInt8Config
 from compressor.recipe import BackendSettings, GuardSettings, MeasureSettings, Recipe
 from compressor.stages import STAGES
 from compressor.stages.quantize_int8 import PINNED_WHY

@@ -1,6 +1,6 @@
 """The int8 QDQ rewrite shared by the quantize pass, the sensitivity analysis and the latency guard's variants.
 
-`QuantizeInt8Config` is the whole int8 space (the recipe's int8 stage and the
+`QuantizeInt8Config` (`int8_config`) is the whole int8 space (the recipe's int8 stage and the
 tuner's search space). Calibration (`calibrate`) and rewriting
 (`apply_quantization`) are separate, so one set of `CalibrationStats` serves
 many variants of a model: the mixed-precision search and the latency guard
@@ -26,14 +26,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compressor.config import tunable
 from compressor.data import Samples
-from compressor.errors import ModelError, UsageError
+from compressor.errors import ModelError
 from compressor.instruments import stage
 from compressor.ir import UniqueNames, add_initializer
 from compressor.pipeline import PassContext
 from compressor.quantization import calibration
-from compressor.quantization.calibration import METHODS as CALIBRATION_METHODS
+from compressor.quantization.int8_config import STORAGE, QuantizeInt8Config
 from compressor.quantization.params import (
     BIAS_CORRECTED_OPS,
     QuantParams,
@@ -45,78 +44,7 @@ from compressor.quantization.params import (
 )
 from compressor.quantization.plan import QUANTIZABLE_OPS, QuantizationPlan
 
-ACTIVATION_SCHEMES = ("asymmetric_uint8", "symmetric_int8", "symmetric_uint8")
-WEIGHT_SCHEMES = ("symmetric", "asymmetric")
 REFERENCE_SAMPLES, REFERENCE_BYTES = 128, 64 * 2**20  # float outputs kept from calibration for later fp32 checks
-
-
-@dataclass(frozen=True)
-class QuantizeInt8Config:
-    """The int8 stage of a recipe: every setting of the int8 path, the tuner's space among them.
-
-    Fields declared with `compressor.config.tunable` carry the domain the tuner
-    searches (`compressor.config.search_space`). ``equalize`` (cross-layer
-    equalization before calibration), the mixed-precision search
-    (``min_sqnr_db``, ``max_float_fraction``, ``sensitivity_samples``) and
-    ``explain`` are run around the quantize pass by the int8 stage
-    (`compressor.stages.quantize_int8`); the pass itself reads the quantization
-    fields and ``keep_float``.
-    """
-
-    calibration: str = tunable("minmax", CALIBRATION_METHODS)
-    percentile: float = tunable(99.99, (99.9, 99.99, 99.999))  # for calibration="percentile"
-    num_samples: int = tunable(256, (64, 128, 256, 512))  # calibration samples read
-    activations: str = tunable("asymmetric_uint8", ACTIVATION_SCHEMES)
-    weights: str = tunable("symmetric", WEIGHT_SCHEMES)
-    weight_bits: int = tunable(7, (7, 8))  # 7 keeps onnxruntime's u8s8 kernels on their fast, overflow-free path
-    power_of_two: bool = tunable(False, (False, True))
-    per_channel: bool = tunable(True, (False, True))
-    # With per_channel, a layer whose weights quantize this well (weight SQNR, dB) with one scale
-    # gets one scale: per-channel scales cost 4 bytes a channel, about half a 3x3 depthwise
-    # channel. A size-for-accuracy trade for the tuner, off by default: at 40 dB the
-    # Fashion-MNIST MobileNetV2 gets 5% smaller and loses 2.4 dB of output SQNR.
-    per_tensor_min_sqnr_db: float | None = tunable(None, (None, 40.0, 50.0))
-    bias_correction: bool = tunable(True, (False, True))
-    keep_float: frozenset[str] = field(default_factory=frozenset)  # node names left in float
-    batch_size: int = 8
-    # Cross-layer equalization first. Off by default: measured neutral to slightly harmful on the
-    # demo, MobileNetV2 and EfficientNet-Lite0 once bias correction and mixed precision are on
-    # (ReLU6 pairs can rarely be proven safe).
-    equalize: bool = tunable(False, (False, True))
-    # Mixed precision: while the model-output SQNR on calibration data is below this, keep the
-    # most sensitive layers in float (None: never) while that helps, up to this fraction of the MACs.
-    min_sqnr_db: float | None = tunable(30.0, (None, 25.0, 30.0, 35.0))
-    max_float_fraction: float = tunable(0.1, (0.0, 0.05, 0.1, 0.2))  # of the compute MACs
-    sensitivity_samples: int = 16  # calibration samples per model-SQNR measurement
-    # Constant weights of ops with no int8 kernel (Gather tables, LSTM/GRU/RNN matrices: see
-    # `plan.STORED_WEIGHT_INPUTS`) stored in int8, a scale per row, the op itself in float. For
-    # backends that dequantize constant weights when they load the model
-    # (`Backend.dequantizes_weights_at_load`); elsewhere every run would dequantize them again.
-    int8_storage: bool = False
-    explain: bool = False  # rank every layer's sensitivity for the report, even when no search runs
-
-    def __post_init__(self) -> None:
-        checks = {
-            "calibration": (self.calibration, CALIBRATION_METHODS),
-            "activations": (self.activations, ACTIVATION_SCHEMES),
-            "weights": (self.weights, WEIGHT_SCHEMES),
-            "weight_bits": (self.weight_bits, (7, 8)),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise UsageError(f"int8 config: {name}={value!r} is not one of {', '.join(map(str, allowed))}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise UsageError(f"int8 config: percentile={self.percentile} must be in (50, 100]")
-        if self.num_samples < 1:
-            raise UsageError("int8 config: num_samples must be >= 1")
-        if not 0.0 <= self.max_float_fraction <= 1.0:
-            raise UsageError(f"int8 config: max_float_fraction={self.max_float_fraction} must be in [0, 1]")
-        if self.sensitivity_samples < 1:
-            raise UsageError("int8 config: sensitivity_samples must be >= 1")
-
-
-# Weights that are only stored in int8 have no integer kernel to stay fast for: full 8 bits.
-STORAGE = QuantizeInt8Config(weights="symmetric", weight_bits=8, per_channel=True)
 
 
 @dataclass(frozen=True)

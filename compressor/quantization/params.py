@@ -11,7 +11,7 @@ import onnx_ir as ir
 from compressor.ir import UniqueNames, add_initializer
 
 if TYPE_CHECKING:
-    from compressor.quantization.int8 import QuantizeInt8Config
+    from compressor.quantization.int8_config import QuantizeInt8Config
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8
 from compressor.passes.store_weights_int8 import StoreWeightsInt8, StoreWeightsInt8Config
 from compressor.pipeline import Pass, PassContext
-from compressor.quantization.int8 import QuantizeInt8Config
+from compressor.quantization.int8_config import QuantizeInt8Config
 from compressor.quantization.sensitivity import LayerSensitivity, MixedPrecision
 from compressor.report import Report
 from compressor.stages.base import Settled, Stage
