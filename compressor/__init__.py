@@ -9,6 +9,7 @@
 from compressor.api import Result, compress
 from compressor.errors import CompressorError
 from compressor.pipeline import LOSSLESS, Pass, PassContext, Pipeline, Tolerance
+from compressor.recipe import Recipe
 
 __all__ = [
     "LOSSLESS",
@@ -16,6 +17,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "Pipeline",
+    "Recipe",
     "Result",
     "Tolerance",
     "compress",
