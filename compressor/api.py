@@ -51,6 +51,7 @@ def compress(
     verify: bool = False,
     dump_ir: str | os.PathLike | None = None,
     progress: bool | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     backend: str | None = None,
     threads: int | None = None,
     qdq: bool | None = None,
@@ -65,7 +66,9 @@ def compress(
 
     ``model`` is a path, an `onnx_ir.Model` or an `onnx.ModelProto` (not modified).
     ``calib``/``eval`` are ``.npz`` files (``x`` and optional ``y``) or folders of
-    images, read with ``preprocess`` (see `compressor.images.Preprocess.parse`).
+    images, read with ``preprocess`` (see `compressor.images.Preprocess.parse`). ``input_shapes``
+    fixes the sizes an input leaves symbolic, for what needs them without data (the report's
+    latency and SQNR, ``verify``): ``{"x": (1, 3, 640, 640)}``; the model keeps them symbolic.
 
     The job is a `Recipe`: either ``recipe`` (a `Recipe`, or a TOML/JSON file or
     report) or ``target`` (``fp32``, ``int8``) with the keywords of
@@ -84,8 +87,8 @@ def compress(
     chosen_backend = job.backend.build()
     stages = job.build_stages()
     working = _load(model)
-    original = measurement.Original(model, working)
-    specs = runtime.input_specs(working)
+    shapes = {name: tuple(dims) for name, dims in (input_shapes or {}).items()}
+    specs = runtime.input_specs(working, shapes)
     context = PassContext(
         # Each batch is checked as it is read. Calibration data is first read by calibration, the first real
         # work; evaluation data only by the final report, so it is read through once up front instead.
@@ -93,7 +96,9 @@ def compress(
         evaluation=_dataset(eval, specs, preprocess, read_through=True),
         backend=chosen_backend.name,
         seed=job.seed,
+        input_shapes=shapes,
     )
+    original = measurement.Original(model, working, measurement.cost_shapes(specs, context))
     bar = ProgressBar(progress)
     context.progress = bar.enabled
     instruments: list[Instrument] = [Timing(), bar]

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="int8: measure each layer's sensitivity and print the N most sensitive (default 10)",
     )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="sizes for inputs the model leaves symbolic, for measuring without data: x=1,3,640,640 "
+        "(NAME= may be left out for a single-input model; the output keeps them symbolic)",
+    )
     parser.add_argument("--report", help="write the summary and per-pass records as JSON")
     parser.add_argument("--verify", action="store_true", help="check each pass's numerics against onnxruntime")
     parser.add_argument("--dump-ir", help="write the model after every pass into this folder")
@@ -178,6 +185,7 @@ def _main(argv: Sequence[str] | None) -> int:
         preprocess=args.preprocess,
         verify=args.verify,
         dump_ir=args.dump_ir,
+        input_shapes=_input_shapes(args.input_shape or []),
     )
     if demo_folder:
         DEMO_FOLDER.mkdir(exist_ok=True)  # only the demo creates a folder, and only its own
@@ -207,6 +215,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  {_listed(nodes)}: {why}")
     for rewrite, nodes in result.report.lowering.items():
         print(f"lowering, {rewrite.replace('_', ' ')} ({len(nodes)}): {_listed(nodes)}")
+    for note in result.report.notes:
+        print(f"note: {note}")
     print(f"wrote {output}")
     if args.report:
         result.report.write_json(args.report)
@@ -217,6 +227,17 @@ def _main(argv: Sequence[str] | None) -> int:
 def _listed(names: list[str]) -> str:
     more = len(names) - LISTED_NAMES
     return ", ".join(names[:LISTED_NAMES]) + (f", ... {more} more" if more > 0 else "")
+
+
+def _input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise UsageError(f"--input-shape {spec}: expected NAME=1,3,640,640 (whole numbers)") from None
+    return shapes
 
 
 def _check_recipe_flags(args: argparse.Namespace) -> None:

@@ -82,7 +82,9 @@ class VerifyNumerics(Instrument):
             if context.calibration is not None:
                 self._feeds = context.calibration.first_batch(self.batch)
             else:
-                self._feeds = runtime.random_feeds(runtime.input_specs(model), self.batch, context.seed)
+                self._feeds = runtime.random_feeds(
+                    runtime.input_specs(model, context.input_shapes), self.batch, context.seed
+                )
         self._reference = self._evaluate(model)
 
     def run_after_pass(self, model: ir.Model, pass_: Pass, record: PassRecord) -> None:

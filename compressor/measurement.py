@@ -7,7 +7,7 @@ SQNR) when the recipe's ``measure`` settings ask for them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -31,11 +31,18 @@ class Original:
     Its size is its bytes on disk.
     """
 
-    __slots__ = ("cost", "runnable", "size")
+    __slots__ = ("cost", "runnable", "shapes", "size")
 
-    def __init__(self, model: str | os.PathLike | ir.Model | onnx.ModelProto, working: ir.Model) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike | ir.Model | onnx.ModelProto,
+        working: ir.Model,
+        shapes: Mapping[str, Sequence[int]] | None,
+    ) -> None:
+        """``shapes``: the input sizes MACs are counted at (`cost_shapes`); None where they are not known."""
         proto = cir.to_proto(working)
-        self.cost = compute_cost(proto)
+        self.shapes = shapes
+        self.cost = compute_cost(proto, shapes)
         if isinstance(model, (str, os.PathLike)):
             self.size, self.runnable = cir.file_bytes(model, working), str(model)
         else:
@@ -57,18 +64,48 @@ def summary(
     MACs and params are counted on the compressed IR (standard ONNX ops, so shape
     inference sees them) rather than on the backend's lowering.
     """
-    before, after = original.cost, compute_cost(compressed)
+    before, after = original.cost, compute_cost(compressed, original.shapes)
+    macs = (before.macs, after.macs) if original.shapes is not None else (None, None)
+    if original.shapes is None:
+        report.notes.append(f"MACs not counted: {_open_sizes(specs)}; pass --eval data or --input-shape")
     report.rows += [
         Row("size", original.size, model_size_bytes(lowered), "bytes"),
-        Row("MACs (batch 1)", before.macs, after.macs, "count"),
+        Row("MACs (batch 1)", *macs, "count"),
         Row("params", before.params, after.params, "count"),
     ]
     data = context.evaluation or context.calibration
     if measure_latency:
-        feeds = data.first_batch(1) if data is not None else runtime.random_feeds(specs, 1, context.seed)
+        feeds = data.first_batch(1) if data is not None else _random_feeds(report, "latency", specs, 1, context.seed)
+        if feeds is None:
+            return
         fp32_latency, new_latency = backend.latency([original.runnable, lowered], feeds)
         label = f"latency (batch 1, {backend.threads} threads, median)"
         report.rows.append(Row(label, fp32_latency.median_ms, new_latency.median_ms, "ms"))
+
+
+def cost_shapes(specs: Sequence[runtime.InputSpec], context: PassContext) -> dict[str, tuple[int, ...]] | None:
+    """Input sizes to count MACs at: none needed, the data's, or None where the model leaves some open."""
+    if not any(spec.symbolic_axes for spec in specs):
+        return {spec.name: tuple(spec.shape) for spec in specs}  # type: ignore[misc]
+    data = context.evaluation or context.calibration
+    if data is None:
+        return None
+    return {name: tuple(array.shape) for name, array in data.first_batch(1).items()}
+
+
+def _open_sizes(specs: Sequence[runtime.InputSpec]) -> str:
+    spec = next(spec for spec in specs if spec.symbolic_axes)
+    return f"input {spec.name} has symbolic " + ", ".join(str(spec.shape[a] or f"axis {a}") for a in spec.symbolic_axes)
+
+
+def _random_feeds(
+    report: Report, what: str, specs: Sequence[runtime.InputSpec], batch: int, seed: int
+) -> dict[str, np.ndarray] | None:
+    """Random inputs, or None (and a report note) where the model leaves a size after the batch open."""
+    if any(spec.symbolic_axes for spec in specs):
+        report.notes.append(f"{what} not measured: {_open_sizes(specs)}; pass --eval data or --input-shape")
+        return None
+    return runtime.random_feeds(specs, batch, seed)
 
 
 def fidelity(
@@ -102,7 +139,9 @@ def fidelity(
                 labels.append(batch.labels)
     else:
         source = "random"
-        feeds = runtime.random_feeds(specs, 32, context.seed)
+        feeds = _random_feeds(report, "accuracy and SQNR", specs, 32, context.seed)
+        if feeds is None:
+            return
         reference_logits.append(backend.run(backend.session(original.runnable), feeds)[0])
         logits.append(backend.run(session, feeds)[0])
     reference, output = np.concatenate(reference_logits), np.concatenate(logits)

@@ -113,15 +113,17 @@ class ComputeCost:
     params: int
 
 
-def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
+def compute_cost(
+    model: ir.Model | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> ComputeCost:
     """Count MACs at batch 1 and parameters.
 
-    Symbolic input dims are set to 1 on a copy for shape inference only; the
-    model itself is untouched.
+    Symbolic (and negative) input dims take their size from ``input_shapes`` (input name -> dims,
+    the batch set to 1), else 1, on a copy for shape inference only; the model itself is untouched.
     """
     proto = cir.to_proto(model) if isinstance(model, ir.Model) else model
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    skeleton = _without_weight_data(proto)
+    skeleton = _without_weight_data(proto, input_shapes or {})
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
@@ -129,7 +131,8 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
     shapes = _known_shapes(inferred.graph)
     missing = [n.output[0] for n in inferred.graph.node if n.op_type in MAC_OPS and n.output[0] not in shapes]
     if missing:  # ONNX shape inference stops at contrib ops (QLinearAdd, QGemm, ...): ask onnxruntime
-        shapes.update(_shapes_by_running(proto, [i for n in proto.graph.node if n.op_type in MAC_OPS for i in n.input]))
+        names = [i for n in proto.graph.node if n.op_type in MAC_OPS for i in n.input]
+        shapes.update(_shapes_by_running(proto, names, input_shapes or {}))
     macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
     return ComputeCost(macs=int(macs), params=int(params))
 
@@ -137,7 +140,7 @@ def compute_cost(model: ir.Model | onnx.ModelProto) -> ComputeCost:
 SMALL_INITIALIZER_ELEMENTS = 64
 
 
-def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _without_weight_data(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """A batch-1 copy of ``proto`` with its weights as typed graph inputs: shape inference needs their shapes.
 
     Built field by field so the weight bytes are never copied. Integer and small
@@ -152,7 +155,7 @@ def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend(source.input)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
-    _set_symbolic_dims_to_one(graph)
+    _set_symbolic_dims(graph, shapes)
     inputs = {i.name for i in graph.input}
     for tensor in source.initializer:
         shape_data = tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
@@ -163,26 +166,29 @@ def _without_weight_data(proto: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def _set_symbolic_dims_to_one(graph: onnx.GraphProto) -> None:
-    """Fix every symbolic dim of the graph's data inputs (not initializer-backed ones) to 1."""
+def _set_symbolic_dims(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Fix every symbolic dim of the graph's data inputs (not initializer-backed ones): from ``shapes``, else 1."""
     initializer_names = {t.name for t in graph.initializer}
     for graph_input in graph.input:
         if graph_input.name in initializer_names:
             continue
-        for dim in graph_input.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
+        given = (shapes or {}).get(graph_input.name)
+        for axis, dim in enumerate(graph_input.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value") or dim.dim_value < 0:
                 dim.Clear()
-                dim.dim_value = 1
+                dim.dim_value = given[axis] if given is not None and axis else 1
 
 
 MAC_OPS = frozenset({"Conv", "QLinearConv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul", "QLinearMatMul",
                      "MatMulInteger", "QGemm"})  # fmt: skip
 
 
-def _shapes_by_running(proto: onnx.ModelProto, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def _shapes_by_running(
+    proto: onnx.ModelProto, names: Sequence[str], input_shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the MAC ops' inputs and outputs from one onnxruntime run on zeros (batch 1)."""
     probe = onnx.ModelProto.FromString(proto.SerializeToString())
-    _set_symbolic_dims_to_one(probe.graph)
+    _set_symbolic_dims(probe.graph, input_shapes)
     wanted = {n for n in names if n} | {n.output[0] for n in probe.graph.node if n.op_type in MAC_OPS}
     initializer_names = {t.name for t in probe.graph.initializer}
     wanted -= initializer_names | {o.name for o in probe.graph.output}

@@ -66,6 +66,7 @@ class PassContext:
     train: Samples | None = None
     backend: str = "cpu"
     seed: int = 0
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --input-shape: sizes left symbolic
     progress: bool = False  # long steps show progress on stderr (`compressor.instruments.stage`)
     steps: dict[str, float] = field(default_factory=dict)  # seconds spent in each named long step
     options: dict[str, Any] = field(default_factory=dict)

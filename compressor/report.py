@@ -72,6 +72,7 @@ class Report:
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it was not quantized
     lowering: dict[str, list[str]] = field(default_factory=dict)  # backend rewrite -> nodes it applied to
     steps: dict[str, float] = field(default_factory=dict)  # long step inside or after the passes -> seconds
+    notes: list[str] = field(default_factory=list)  # what was not measured, and why
     recipe: dict[str, Any] = field(default_factory=dict)  # the recipe that ran (`Recipe.to_dict`), choices pinned
 
     def table(self) -> str:
@@ -97,6 +98,7 @@ class Report:
             "kept_float": self.kept_float,
             "lowering": self.lowering,
             "steps": self.steps,
+            "notes": self.notes,
             "recipe": self.recipe,
         }
         return _finite(data)

@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor import ir as cir
-from compressor.errors import DataError, ModelError
+from compressor.errors import DataError, ModelError, UsageError
 
 DEFAULT_THREADS = 2
 # Models with more weight bytes than this reach onnxruntime through a temporary file (see `make_session`).
@@ -45,22 +45,65 @@ class InputSpec:
             else:
                 raise DataError(
                     f"input '{self.name}' has a symbolic dimension {dim!r} at axis {axis}; "
-                    "pass --calib or --eval data so its size is known"
+                    f"pass --calib or --eval data, or --input-shape {self.name}=... so its size is known"
                 )
         return tuple(dims)
 
+    @property
+    def symbolic_axes(self) -> list[int]:
+        """Axes after the batch whose size the model leaves open."""
+        return [axis for axis, dim in enumerate(self.shape) if axis and not isinstance(dim, int)]
 
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The model's real inputs (initializers listed as inputs are skipped)."""
+
+def input_specs(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are skipped).
+
+    ``shapes`` fixes the sizes the model leaves symbolic (``--input-shape``), by input name; the key
+    ``""`` names the only input. Negative sizes (``-1``, as some exporters write) count as symbolic.
+    """
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
         if value.dtype is None or value.shape is None:
             raise DataError(f"input '{value.name}' has no type or shape in the model; re-export with shapes")
-        dims = tuple(d if isinstance(d, int) else (str(d) if d.value else None) for d in value.shape)
+        dims = tuple(_dim(d) for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
-    return specs
+    return _with_shapes(specs, shapes) if shapes else specs
+
+
+def _dim(dim: int | ir.SymbolicDim) -> int | str | None:
+    if isinstance(dim, int):
+        return dim if dim >= 0 else None
+    return str(dim) if dim.value else None
+
+
+def _with_shapes(specs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> list[InputSpec]:
+    names = [spec.name for spec in specs]
+    given = dict(shapes)
+    if "" in given:
+        if len(specs) != 1:
+            raise UsageError(f"--input-shape needs NAME=... for a model with inputs {', '.join(names)}")
+        given[names[0]] = given.pop("")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UsageError(f"--input-shape names {unknown[0]!r}, not an input; the inputs are {', '.join(names)}")
+    fixed = []
+    for spec in specs:
+        if spec.name not in given:
+            fixed.append(spec)
+            continue
+        dims = tuple(int(d) for d in given[spec.name])
+        clash = len(dims) != len(spec.shape) or any(
+            d < 1 or (isinstance(m, int) and m != d) for d, m in zip(dims, spec.shape, strict=False)
+        )
+        if clash:
+            raise UsageError(
+                f"--input-shape {spec.name}={','.join(map(str, dims))} does not fit the model's shape "
+                f"[{', '.join('?' if d is None else str(d) for d in spec.shape)}]"
+            )
+        fixed.append(InputSpec(spec.name, spec.dtype, dims))
+    return fixed
 
 
 def random_feeds(specs: Sequence[InputSpec], batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -5,7 +5,9 @@ from compressor.passes.cleanup import Cleanup, CleanupConfig
 from compressor.passes.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
 from compressor.passes.fold_constants import FoldConstants, FoldConstantsConfig
 from compressor.passes.infer_shapes import InferShapes, InferShapesConfig
+from compressor.passes.negative_dims import NegativeDims, NegativeDimsConfig
 from compressor.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetConfig
+from compressor.passes.weights_as_inputs import WeightsAsInputs, WeightsAsInputsConfig
 
 __all__ = [
     "CanonicalizePooling",
@@ -18,8 +20,12 @@ __all__ = [
     "FoldConstantsConfig",
     "InferShapes",
     "InferShapesConfig",
+    "NegativeDims",
+    "NegativeDimsConfig",
     "UpgradeOpset",
     "UpgradeOpsetConfig",
+    "WeightsAsInputs",
+    "WeightsAsInputsConfig",
     "import_passes",
 ]
 
@@ -27,6 +33,8 @@ __all__ = [
 def import_passes() -> list:
     """The lossless normalisation every model goes through after loading."""
     return [
+        WeightsAsInputs(),
+        NegativeDims(),
         UpgradeOpset(),
         Cleanup(),
         FoldConstants(),

@@ -46,7 +46,9 @@ class UpgradeOpset(Pass):
             ) from None
         upgraded = ir.serde.deserialize_model(converted)
         model.graph = upgraded.graph
-        model.ir_version = max(model.ir_version, upgraded.ir_version)
+        # The converter keeps the IR version, and opset 13 needs IR version 7.
+        needed = onnx.helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True)
+        model.ir_version = max(model.ir_version, upgraded.ir_version, needed)
         return PassResult(model, True)
 
 
