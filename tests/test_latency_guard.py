@@ -156,10 +156,10 @@ class CountingCPU(OnnxruntimeCPU):
         return [Latency(cost, cost, cost, runs or 1) for cost in (self.costs[id(s)] for s in sessions)]
 
 
-def guard_choice(calib: Path, int8_conv: float) -> tuple[frozenset[str], LatencyGuard]:
+def guard_choice(calib: Path, int8_conv: float, budget: float = 8.0) -> tuple[frozenset[str], LatencyGuard]:
     model, quantize = quantized(two_island_model(), calib)
     backend = CountingCPU(int8_conv)
-    guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))})
+    guard = LatencyGuard(backend, {"input": random_input((1, 3, 16, 16))}, budget=budget)
     islands = int8_islands(model)
     reference = backend.lower(quantize.variant(frozenset().union(*islands)))
     chosen = guard(reference, backend.lower(model), lambda extra: backend.lower(quantize.variant(extra)), islands)
@@ -185,6 +185,14 @@ def test_guard_tries_all_islands_in_float_when_each_alone_gains_too_little(calib
     assert [len(kept) for kept, _ in guard.history] == [0, 3, 2, 5]
     assert chosen == frozenset({"conv0", "conv1", "conv2", "pool2", "conv3"})
     assert guard.speedup == pytest.approx(1.0, abs=0.01)
+
+
+def test_guard_past_its_budget_goes_to_all_islands_in_float(calib: Path) -> None:
+    """On graphs of hundreds of islands the one-by-one search stops: its cost must not grow with the layers."""
+    chosen, guard = guard_choice(calib, int8_conv=1.5, budget=0.0)
+    assert [len(kept) for kept, _ in guard.history] == [0, 5], "no island alone, then all of them at once"
+    assert guard.untried == 2
+    assert chosen == frozenset({"conv0", "conv1", "conv2", "pool2", "conv3"})
 
 
 def test_compress_reports_the_guard(calib: Path) -> None:

@@ -95,6 +95,7 @@ class QuantizeInt8Stage(Stage):
             record["mixed_precision"] = [{"kept_float": list(k), "sqnr_db": db} for k, db in self.mixed.history]
         if self.guard is not None:
             record["latency_guard"] = [{"kept_float": list(k), "speedup": x} for k, x in self.guard.history]
+            record["latency_guard_untried_islands"] = self.guard.untried
 
     @property
     def reference_outputs(self) -> Sequence[np.ndarray]:
