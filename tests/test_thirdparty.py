@@ -8,18 +8,17 @@ output's scale, at the corpus's input sizes; the model's open sizes stay open.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-from benchmarks.thirdparty import CORPUS, CorpusModel, feeds
+from benchmarks.thirdparty import CORPUS, CorpusModel, feeds, int8_pair, relative_error
 from compressor import compress
 
 RELATIVE = 1e-4
-# The error is relative to the output's largest value, and at least to this: on random inputs a sigmoid
-# head (the OCR detector's) can sit near 0 everywhere, where float32 rounding alone is 1e-7 absolute.
-MIN_SCALE = 1e-2
 
 
 def outputs(model: str | onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -60,8 +59,28 @@ def test_fp32_round_trip(model: CorpusModel) -> None:
     assert len(actual) == len(expected)
     for want, got in zip(expected, actual, strict=True):
         assert want.shape == got.shape and want.dtype == got.dtype
-        if np.issubdtype(want.dtype, np.floating):
-            scale = float(np.abs(want).max()) if want.size else 0.0
-            np.testing.assert_allclose(got, want, rtol=0, atol=RELATIVE * max(scale, MIN_SCALE))
-        else:
-            np.testing.assert_array_equal(got, want)
+        assert relative_error(want, got) <= RELATIVE
+
+
+INT8 = [m for m in CORPUS if not m.no_int8]
+# Known shortfalls, kept visible: issue 19 stays open until these pass.
+BEHIND_QUANTIZE_STATIC = {"magika_v3_3": "0.9 dB below quantize_static's SQNR on random bytes (54.7 vs 55.6 dB)"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(reason=BEHIND_QUANTIZE_STATIC[m.name], strict=True))
+        if m.name in BEHIND_QUANTIZE_STATIC
+        else m
+        for m in INT8
+    ],
+    ids=[m.name for m in INT8],
+)
+def test_int8_is_valid_and_at_least_as_close_as_quantize_static(model: CorpusModel, tmp_path: Path) -> None:
+    pair = int8_pair(model, tmp_path)
+    onnx.checker.check_model(onnx.load(pair.ours_path), full_check=True)
+    assert pair.ours_sqnr_db > 20.0
+    if pair.ort_sqnr_db is not None:  # where quantize_static fails, ours still has to be valid
+        assert pair.ours_sqnr_db >= pair.ort_sqnr_db, f"ours {pair.ours_sqnr_db:.1f} dB, ORT {pair.ort_sqnr_db:.1f} dB"
