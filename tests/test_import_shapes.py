@@ -130,3 +130,40 @@ def test_cli_writes_open_models_without_data(tmp_path: Path, capsys: pytest.Capt
     assert code == 0, err
     assert "note: latency not measured: input x has symbolic" in out
     assert (tmp_path / "open.fp32.onnx").is_file()
+
+
+def nhwc_detector_head(path: Path) -> Path:
+    """NHWC input with open H, W: Transpose in, Conv -> Relu -> Conv -> Sigmoid, Transpose out."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.normal(size=(4, 8, 1, 1)) * 0.3).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["t", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Sigmoid", ["c2"], ["s"], name="scores"),
+        helper.make_node("Transpose", ["s"], ["y"], perm=[0, 2, 3, 1], name="to_nhwc"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 3])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "H", "W", 4])]
+    graph = helper.make_graph(nodes, "nhwc", inputs, outputs, weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_nhwc_input_with_open_sizes_quantizes(tmp_path: Path) -> None:
+    source = nhwc_detector_head(tmp_path / "nhwc.onnx")
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(1)
+    np.savez(calib, x=rng.uniform(0, 1, size=(32, 24, 40, 3)).astype(np.float32))
+    result = compress(source, "int8", calib=calib, latency_guard=False, **QUICK)
+    assert_valid(result.lowered)
+    assert "QLinearConv" in {node.op_type for node in result.lowered.graph.node}
+    x = rng.uniform(0, 1, size=(2, 17, 33, 3)).astype(np.float32)  # another size: H, W stay open
+    expected, actual = run(str(source), x), run(result.lowered, x)
+    noise = np.sum((expected - actual) ** 2)
+    assert 10 * np.log10(np.sum(expected**2) / noise) > 30.0
