@@ -1,6 +1,6 @@
-"""Benchmark harness: run a compression recipe in a child process, then measure its output.
+"""Benchmark harness: run a compression method in a child process, then measure its output.
 
-A `Recipe` names a module-level function ``fn(model, out_path) -> Path | None`` that
+A `Method` names a module-level function ``fn(model, out_path) -> Path | None`` that
 writes a compressed ONNX model. `measure` runs it in a fresh interpreter
 (``python -m benchmarks.harness child ...``) so its wall time and peak RSS are its
 own, then compares the result with the fp32 model in this process: accuracy or
@@ -54,7 +54,7 @@ class NotApplicable(Exception):
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Method:
     """One row label: a compression method and the function that produces its ONNX model."""
 
     name: str
@@ -210,7 +210,7 @@ def _meminfo_mb(key: str, path: str = "/proc/meminfo") -> float | None:
         return None
 
 
-def _spawn(recipe: Recipe, model: ZooModel, work: Path, timeout_s: float) -> dict[str, object]:
+def _spawn(recipe: Method, model: ZooModel, work: Path, timeout_s: float) -> dict[str, object]:
     """Run the child; kill it past ``timeout_s`` or when its RSS nears the machine's available memory."""
     model_file, out_path, result_file, log = work / "model.json", work / "out.onnx", work / "result.json", work / "log"
     model_file.write_text(json.dumps(encode_model(model)))
@@ -244,7 +244,7 @@ def _spawn(recipe: Recipe, model: ZooModel, work: Path, timeout_s: float) -> dic
 
 def measure(
     model: ZooModel,
-    recipe: Recipe,
+    recipe: Method,
     *,
     runs: int = 20,
     eval_limit: int | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import harness, peers
-from benchmarks.harness import Recipe, Row
+from benchmarks.harness import Method, Row
 from benchmarks.readme import HEADLINE_END, HEADLINE_START, RESULTS
 from benchmarks.tables import plot, write_table
 from benchmarks.zoo import ZooModel, get
@@ -41,34 +41,34 @@ SCALE_SWEEP = {"resnet18_224": (64, 128, 256), "resnet50_224": (512,)}
 SCALE_REPEATS = 3  # compiles per row in scale.md: one wall time varies by about ±5% here
 LARGE_INPUT = 100_000  # input elements per sample above which heavy recipes need --slow
 
-OURS_FP32 = Recipe("ours fp32 (reference)", "ours", "fp32", peers.ours_fp32)
-OURS_INT8 = Recipe("ours int8", "ours", "int8", peers.ours_int8)
-OURS_INT8_UNSEARCHED = Recipe(
+OURS_FP32 = Method("ours fp32 (reference)", "ours", "fp32", peers.ours_fp32)
+OURS_INT8 = Method("ours int8", "ours", "int8", peers.ours_int8)
+OURS_INT8_UNSEARCHED = Method(
     "ours int8, no search, no guard (--min-sqnr 0 --keep-slow-int8)", "ours", "int8", peers.ours_int8_unsearched
 )
-ORT_DEFAULTS = Recipe("ORT quantize_static (defaults)", "peer", "int8", peers.ort_defaults)
-ORT_BEST = Recipe("ORT best flags (u8/s8, per-channel, reduce_range, pre-process)", "peer", "int8", peers.ort_best)
+ORT_DEFAULTS = Method("ORT quantize_static (defaults)", "peer", "int8", peers.ort_defaults)
+ORT_BEST = Method("ORT best flags (u8/s8, per-channel, reduce_range, pre-process)", "peer", "int8", peers.ort_best)
 INT8 = [
     OURS_FP32,
     OURS_INT8,
     OURS_INT8_UNSEARCHED,
     ORT_DEFAULTS,
-    Recipe("ORT defaults + quant_pre_process", "peer", "int8", peers.ort_defaults_preprocessed),
+    Method("ORT defaults + quant_pre_process", "peer", "int8", peers.ort_defaults_preprocessed),
     ORT_BEST,
-    Recipe("ORT best flags, Entropy calibration", "peer", "int8", peers.ort_entropy, heavy=True),
-    Recipe("ORT best flags, Percentile calibration", "peer", "int8", peers.ort_percentile, heavy=True),
-    Recipe("NNCF quantize (default preset)", "peer", "int8", peers.nncf_default, heavy=True),
+    Method("ORT best flags, Entropy calibration", "peer", "int8", peers.ort_entropy, heavy=True),
+    Method("ORT best flags, Percentile calibration", "peer", "int8", peers.ort_percentile, heavy=True),
+    Method("NNCF quantize (default preset)", "peer", "int8", peers.nncf_default, heavy=True),
 ]
 PRUNE = [
-    Recipe("Torch-Pruning L1 uniform, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_uniform),
-    Recipe("Torch-Pruning L1 global, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_global),
+    Method("Torch-Pruning L1 uniform, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_uniform),
+    Method("Torch-Pruning L1 global, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_global),
 ]
-PRUNE_FINETUNED = Recipe(
+PRUNE_FINETUNED = Method(
     "Torch-Pruning L1 uniform, ~60% MACs, 1 epoch fine-tune", "peer", "prune", peers.tp_uniform_finetuned
 )
 LOWRANK = [
-    Recipe("truncated SVD, Gemm/MatMul, ~20% params", "peer", "lowrank", peers.svd_gemm),
-    Recipe("truncated SVD, Gemm/MatMul + Conv, ~20% params", "peer", "lowrank", peers.svd_gemm_conv),
+    Method("truncated SVD, Gemm/MatMul, ~20% params", "peer", "lowrank", peers.svd_gemm),
+    Method("truncated SVD, Gemm/MatMul + Conv, ~20% params", "peer", "lowrank", peers.svd_gemm_conv),
 ]
 SCALE = [ORT_DEFAULTS, ORT_BEST, OURS_INT8, OURS_INT8_UNSEARCHED]
 
@@ -110,7 +110,7 @@ class Table:
 
     key: str
     title: str
-    recipes: list[Recipe]
+    recipes: list[Method]
     notes: list[str]
 
 
@@ -128,7 +128,7 @@ def load_models(names: Sequence[str]) -> tuple[list[ZooModel], list[str]]:
 
 def run_rows(
     models: Sequence[ZooModel],
-    recipes: Sequence[Recipe],
+    recipes: Sequence[Method],
     runs: int,
     eval_limit: int | None,
     slow: bool = True,
@@ -189,7 +189,7 @@ def _scored(ok: Sequence[Row]) -> list[Row]:
     return [r for r in ok if r.drop_pt is not None and r.model not in LATENCY_ONLY]
 
 
-def summary_lines(rows: Sequence[Row], recipes: Sequence[Recipe], keys: Sequence[str]) -> list[str]:
+def summary_lines(rows: Sequence[Row], recipes: Sequence[Method], keys: Sequence[str]) -> list[str]:
     """Per-method headline: models measured, worst loss on a trained model, medians over models.
 
     Latency-only (random-weight) models count in the speed and size medians; their worst agreement with

@@ -11,7 +11,7 @@ import pytest
 from conftest import DEMO_ONNX, run_onnx
 
 from benchmarks import harness, peers, tables
-from benchmarks.harness import Recipe, Row
+from benchmarks.harness import Method, Row
 from benchmarks.zoo import get
 from compressor import ir as cir
 from compressor import runtime
@@ -27,7 +27,7 @@ def demo():
 @pytest.fixture(scope="module")
 def fp32_row(demo) -> Row:
     # Two compiles, each in its own child: the wall time is their median.
-    return harness.measure(demo, Recipe("ours fp32", "ours", "fp32", peers.ours_fp32), runs=3, repeats=2)
+    return harness.measure(demo, Method("ours fp32", "ours", "fp32", peers.ours_fp32), runs=3, repeats=2)
 
 
 def test_ours_fp32_matches_the_original(fp32_row: Row) -> None:
@@ -49,7 +49,7 @@ def test_child_reports_its_own_wall_time_and_peak_rss(fp32_row: Row) -> None:
 
 
 def test_not_applicable_becomes_the_note(demo) -> None:
-    row = harness.measure(demo, Recipe("TP", "peer", "prune", peers.tp_uniform), runs=1)
+    row = harness.measure(demo, Method("TP", "peer", "prune", peers.tp_uniform), runs=1)
     assert not row.ok
     assert row.note.startswith("not applicable: ") and "torch" in row.note
 
@@ -59,7 +59,7 @@ def test_recipe_rejects_local_functions() -> None:
         return out
 
     with pytest.raises(ValueError, match="module-level"):
-        Recipe("x", "peer", "int8", local)
+        Method("x", "peer", "int8", local)
 
 
 def _demo_feeds(count: int = 64) -> dict[str, np.ndarray]:
@@ -124,7 +124,7 @@ def test_disk_size_counts_external_data(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ort_defaults_quantizes_the_demo(demo) -> None:
-    row = harness.measure(demo, Recipe("ORT", "peer", "int8", peers.ort_defaults), runs=3)
+    row = harness.measure(demo, Method("ORT", "peer", "int8", peers.ort_defaults), runs=3)
     assert row.ok, row.note
     assert row.size_ratio > 3.0
     assert row.agreement > 0.95
