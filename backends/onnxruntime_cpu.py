@@ -91,8 +91,7 @@ class OnnxruntimeCPU(Backend):
         depthwise = depthwise_stems(working.graph)
         lowered = cir.to_proto(working)
         if self.conv_kernels is not None:
-            feeds = _profile_feeds(working) if self.conv_kernels.pinned is None else None
-            lowered = self.conv_kernels(lowered, feeds)
+            lowered = self.conv_kernels(lowered, _profile_feeds(working))
         gemm = [n.name for n in lowered.graph.node if n.op_type == "QLinearConv" and n.input[5] == OFFSET_ZERO_NAME]
         compacted = compact(lowered)
         narrowed = narrow_storage(compacted)

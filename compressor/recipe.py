@@ -266,12 +266,8 @@ class _TopLevel:
 
 def _stage_config(stage: type[Stage], given: Mapping[str, object], backend: BackendSettings, where: str) -> Any:
     """The stage's config: the backend's preferences, then ``given`` on top."""
-    preferences = stage.defaults(_preferences_backend(backend))
+    preferences = stage.defaults(backend.build())
     return from_mapping(stage.config_class, {**preferences, **given}, where)
-
-
-def _preferences_backend(settings: BackendSettings) -> Backend:
-    return get_backend(settings.name, threads=settings.threads, qdq=settings.format == "qdq")
 
 
 def _kind_of(config: Any, where: str) -> str:
