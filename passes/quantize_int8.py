@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
 from compressor.errors import ModelError
+from compressor.instruments import stage
 from compressor.pipeline import Pass, PassContext, Tolerance
 from compressor.quantization.int8 import (
     CalibrationStats,
@@ -30,6 +31,7 @@ from compressor.quantization.int8 import (
 )
 from compressor.quantization.params import QuantParams
 from compressor.quantization.plan import QuantizationPlan
+from compressor.quantization.rounding import RoundingResult, optimize_rounding
 
 __all__ = ["ALREADY_QUANTIZED_OPS", "CalibrationStats", "QuantizeInt8", "QuantizeInt8Config", "calibrate"]
 
@@ -64,6 +66,8 @@ class QuantizeInt8(Pass):
         self.skipped: dict[str, str] = {}  # node name -> why it stayed in float
         self.corrected: dict[str, float] = {}  # node name -> max |bias correction|
         self.calibrated: CalibrationStats | None = None  # the statistics the last run used
+        self.rounding: RoundingResult | None = None  # what rounding optimisation did (``config.rounding``)
+        self.rescued: list[str] = []  # layers the float search kept with nearest rounding, not after rounding
         self.applied: QuantizeInt8Config | None = None  # the config the last run used, float choices included
         self._float_model: ir.Model | None = None  # a clone: the pass then quantizes the model in place
 
@@ -77,22 +81,36 @@ class QuantizeInt8(Pass):
         self.skipped = plan.skipped
         if not plan.tensors:
             return PassResult(model, False)
-        stats = self.stats
+        stats, self.rounding = self.stats, None
         if stats is None:
             context = PassContext.current()
             if context.calibration is None:
                 raise ModelError("int8 quantization needs calibration data: pass --calib DATA.npz")
             stats = calibrate(model, context.calibration, self.config)
-        self.calibrated = stats
         config = self.config
+        nearest = stats
+        if config.rounding != "nearest" and not stats.rounded:
+            stats = self._round(model, stats)
+        self.calibrated = stats
         self._float_model = model.clone()  # shares the tensors: quantization replaces, never writes to, them
+        # What rounding to nearest would have kept in float, asked first so the policy's record is the final run's.
+        without = self.choose_float(self._float_model, nearest, config) if self.choose_float and self.rounding else {}
         extra = dict(self.choose_float(self._float_model, stats, config)) if self.choose_float else {}
+        self.rescued = sorted(set(without) - set(extra))
         if extra:
             config = replace(config, keep_float=config.keep_float | frozenset(extra))
         applied = apply_quantization(model, config, stats)
         self.params, self.corrected, self.applied = applied.params, applied.corrected, config
         self.skipped = {**applied.skipped, **extra}
         return PassResult(model, True)
+
+    def _round(self, model: ir.Model, stats: CalibrationStats) -> CalibrationStats:
+        context = PassContext.current()
+        if context.calibration is None:
+            raise ModelError("rounding optimisation needs calibration data: pass --calib DATA.npz")
+        with stage("rounding", f": {self.config.rounding} on {self.config.num_samples} samples", announce=False):
+            self.rounding = optimize_rounding(model, context.calibration, self.config, stats, context.progress)
+        return replace(stats, rounded=self.rounding.weights)
 
     def float_model(self) -> ir.Model:
         """The model as the last run received it, before quantization (a new IR model, tensors shared)."""

@@ -36,6 +36,7 @@ from compressor.quantization.int8_config import STORAGE, QuantizeInt8Config
 from compressor.quantization.params import (
     BIAS_CORRECTED_OPS,
     QuantParams,
+    RoundedWeight,
     WeightMemo,
     activation_params,
     quantize_constant_input,
@@ -57,7 +58,9 @@ class CalibrationStats:
     later checks against fp32 need not run it again (empty if too large to keep);
     ``weights``: quantized weights already computed for this model, by
     `quantize_node_weights`, so the ranking twins, the pass and its variants
-    quantize each weight once.
+    quantize each weight once;
+    ``rounded``: weights whose rounding was optimised on this data (`compressor.quantization.rounding`),
+    by weight name, used instead of rounding to nearest wherever their settings match.
     """
 
     ranges: Mapping[str, tuple[float, float]]
@@ -65,6 +68,7 @@ class CalibrationStats:
     samples: int
     outputs: tuple[np.ndarray, ...] = ()
     weights: WeightMemo = field(default_factory=dict, compare=False, repr=False)
+    rounded: Mapping[str, RoundedWeight] = field(default_factory=dict, compare=False, repr=False)
 
 
 # A mixed-precision policy: (float model, stats, config) -> {node name: why it stays in float}.
@@ -156,7 +160,7 @@ def apply_quantization(model: ir.Model, config: QuantizeInt8Config, stats: Calib
         quantize_stored_input(graph, node, index, axis, STORAGE, names)
     for node, (input_params, mean) in zip(plan.compute, inputs, strict=True):
         mean = mean if config.bias_correction else None
-        shift = quantize_node_weights(graph, node, input_params, config, mean, names, stats.weights)
+        shift = quantize_node_weights(graph, node, input_params, config, mean, names, stats.weights, stats.rounded)
         if shift is not None:
             corrected[node.name or node.op_type] = shift
     RemoveUnusedNodesPass()(model)  # drops the float weights the int8 ones replaced

@@ -10,6 +10,7 @@ from compressor.quantization.calibration import METHODS as CALIBRATION_METHODS
 
 ACTIVATION_SCHEMES = ("asymmetric_uint8", "symmetric_int8", "symmetric_uint8")
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
+ROUNDING_METHODS = ("nearest", "adaround")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class QuantizeInt8Config:
     # Fashion-MNIST MobileNetV2 gets 5% smaller and loses 2.4 dB of output SQNR.
     per_tensor_min_sqnr_db: float | None = tunable(None, (None, 40.0, 50.0))
     bias_correction: bool = tunable(True, (False, True))
+    # Rounding optimisation (`compressor.quantization.rounding`): "adaround" learns, layer by layer on
+    # the calibration data, whether each weight rounds up or down. ``rounding_bias`` then refits each
+    # rounded layer's bias to the quantized model's inputs (AdaQuant's bias tuning, in closed form;
+    # it replaces bias correction there), ``rounding_scale`` each output channel's weight scale.
+    rounding: str = tunable("nearest", ROUNDING_METHODS)
+    rounding_iterations: int = tunable(300, (100, 300, 1000))  # optimisation steps per layer
+    rounding_bias: bool = tunable(True, (False, True))
+    rounding_scale: bool = tunable(False, (False, True))
     keep_float: frozenset[str] = field(default_factory=frozenset)  # node names left in float
     batch_size: int = 8
     # Cross-layer equalization first. Off by default: measured neutral to slightly harmful on the
@@ -63,6 +72,7 @@ class QuantizeInt8Config:
             "activations": (self.activations, ACTIVATION_SCHEMES),
             "weights": (self.weights, WEIGHT_SCHEMES),
             "weight_bits": (self.weight_bits, (7, 8)),
+            "rounding": (self.rounding, ROUNDING_METHODS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -73,6 +83,8 @@ class QuantizeInt8Config:
             raise UsageError("int8 config: num_samples must be >= 1")
         if not 0.0 <= self.max_float_fraction <= 1.0:
             raise UsageError(f"int8 config: max_float_fraction={self.max_float_fraction} must be in [0, 1]")
+        if self.rounding_iterations < 0:
+            raise UsageError("int8 config: rounding_iterations must be >= 0")
         if self.sensitivity_samples < 1:
             raise UsageError("int8 config: sensitivity_samples must be >= 1")
 

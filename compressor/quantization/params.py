@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -88,11 +89,7 @@ def quantize_weight(
         single = quantize_weight(weight, axis, replace(config, per_channel=False))
         if weight_sqnr_db(weight, *single) >= config.per_tensor_min_sqnr_db:
             return single
-    bits = config.weight_bits
-    if config.weights == "symmetric":
-        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    else:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    qmin, qmax = weight_limits(config)
     reduce = tuple(i for i in range(weight.ndim) if i != axis) if config.per_channel else None
     keep = config.per_channel
     if config.weights == "symmetric":
@@ -112,6 +109,34 @@ def quantize_weight(
     q = np.clip(np.round(weight / scale) + zero, qmin, qmax).astype(np.int8)
     flat = scale.reshape(-1) if config.per_channel else scale.reshape(())
     return q, flat.astype(np.float32), zero.reshape(flat.shape).astype(np.int8)
+
+
+def weight_limits(config: QuantizeInt8Config) -> tuple[int, int]:
+    """The integer range of weights: symmetric schemes drop the most negative value, so the range is even."""
+    top = 2 ** (config.weight_bits - 1) - 1
+    return (-top if config.weights == "symmetric" else -top - 1), top
+
+
+def weight_settings(config: QuantizeInt8Config) -> tuple[object, ...]:
+    """The config fields a quantized weight depends on: weights computed under equal settings are equal."""
+    return (config.weights, config.weight_bits, config.per_channel, config.per_tensor_min_sqnr_db,
+            config.power_of_two)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RoundedWeight:
+    """A weight's integers chosen by rounding optimisation (`compressor.quantization.rounding`).
+
+    It replaces rounding to nearest for the weight of that name wherever the config's weight
+    ``settings`` are those it was optimised under; ``bias_shift`` (per output channel, or None)
+    replaces bias correction's shift.
+    """
+
+    settings: tuple[object, ...]
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bias_shift: np.ndarray | None
 
 
 def weight_sqnr_db(weight: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> float:
@@ -165,16 +190,19 @@ def quantize_node_weights(
     mean: np.ndarray | None,
     names: UniqueNames | None = None,
     memo: WeightMemo | None = None,
+    rounded: Mapping[str, RoundedWeight] | None = None,
 ) -> float | None:
     """Put ``node``'s weight (and bias, int32) behind DequantizeLinear; with ``mean``, bias-correct first.
 
     ``memo`` keeps the quantized weight and its bias shift by weight name and
-    settings, for callers that quantize variants of one float model.
+    settings, for callers that quantize variants of one float model. ``rounded``
+    holds weights optimised by rounding (by weight name): where one matches, it
+    is used as it is, its own bias shift instead of the correction from ``mean``.
     Returns the largest |bias correction|, or None when none was applied.
     """
     names = names or UniqueNames(graph)
     base = node.name or node.inputs[1].name
-    scale, shift = quantize_weight_input(graph, node, config, mean, names, memo)
+    scale, shift = quantize_weight_input(graph, node, config, mean, names, memo, rounded)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     bias_array = None if bias is None else ir.convenience.get_const_tensor(bias)
     if bias is not None and (bias_array is None or len(bias_array.shape) != 1):
@@ -208,15 +236,18 @@ def quantize_weight_input(
     mean: np.ndarray | None = None,
     names: UniqueNames | None = None,
     memo: WeightMemo | None = None,
+    rounded: Mapping[str, RoundedWeight] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Put ``node``'s weight (input 1) behind DequantizeLinear; return its scale(s) and, given ``mean``, the
     output shift its rounding causes (see `quantize_node_weights`)."""
     names = names or UniqueNames(graph)
     weight = node.inputs[1]
     axis = weight_channel_axis(node, len(weight.const_value.shape))
-    key = (weight.name, node.op_type, axis, config.weights, config.weight_bits, config.per_channel,
-           config.per_tensor_min_sqnr_db, config.power_of_two, None if mean is None else id(mean))  # fmt: skip
-    if memo is not None and key in memo:
+    key = (weight.name, node.op_type, axis, *weight_settings(config), None if mean is None else id(mean))
+    optimised = (rounded or {}).get(weight.name)
+    if optimised is not None and optimised.settings == weight_settings(config):
+        q, scale, zero, shift = optimised.q, optimised.scale, optimised.zero, optimised.bias_shift
+    elif memo is not None and key in memo:
         q, scale, zero, shift = memo[key]
     else:
         q, scale, zero, shift = _quantized_weight(node, axis, config, mean)

@@ -157,7 +157,7 @@ def _with_quantized_twins(
         graph.insert_after(node, [quantize, dequantize, twin])
         weight = node.inputs[1].const_value
         mean = stats.means.get(source.name) if config.bias_correction else None
-        quantize_node_weights(graph, twin, params, config, mean, names, stats.weights)
+        quantize_node_weights(graph, twin, params, config, mean, names, stats.weights, stats.rounded)
         output = node.outputs[0]
         keep = [ir.AttrInt64("keepdims", 0)]
         error = ir.Node("", "Sub", [twin.outputs[0], output], name=f"{node.name}__twin_error")

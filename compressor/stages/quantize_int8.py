@@ -93,6 +93,20 @@ class QuantizeInt8Stage(Stage):
         if self.mixed is not None:
             record["sensitivity"] = [layer.as_dict() for layer in self.mixed.sensitivity]
             record["mixed_precision"] = [{"kept_float": list(k), "sqnr_db": db} for k, db in self.mixed.history]
+        rounding = self.quantize.rounding
+        if rounding is not None:
+            record["rounding"] = [layer.as_dict() for layer in rounding.records]
+            record["rounding_rescued"] = self.quantize.rescued
+            few = rounding.underdetermined()
+            if few:
+                report.notes.append(
+                    f"rounding: {len(few)} layer(s) kept rounding to nearest, with fewer calibration rows than "
+                    f"inputs (the first: {few[0].node}, {few[0].rows} rows for {few[0].fan_in} inputs, from "
+                    f"{rounding.samples} samples); pass more calibration samples to round them"
+                )
+            diverged = [r.node for r in rounding.records if "diverged" in r.outcome]
+            if diverged:
+                report.notes.append(f"rounding diverged on {', '.join(diverged)}: rounded to nearest there")
         if self.guard is not None:
             record["latency_guard"] = [{"kept_float": list(k), "speedup": x} for k, x in self.guard.history]
             record["latency_guard_untried_islands"] = self.guard.untried
