@@ -289,6 +289,11 @@ def ours_int8(model: ZooModel, out_path: Path) -> Path:
     return _ours(model, out_path, "int8")
 
 
+def ours_int8_adaround(model: ZooModel, out_path: Path) -> Path:
+    """int8 with learned weight rounding (``--rounding adaround``), the other defaults as they are."""
+    return _ours(model, out_path, "int8", int8={"rounding": "adaround"})
+
+
 def ours_int8_unsearched(model: ZooModel, out_path: Path) -> Path:
     """int8 without the mixed-precision search or the latency guard (``--min-sqnr 0 --keep-slow-int8``).
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("int8", "thirdparty", "gpu", "prune", "lowrank", "scale")
+ORDER = ("int8", "rounding", "thirdparty", "gpu", "prune", "lowrank", "scale")
 
 
 def _between(text: str, start: str, end: str) -> str | None:

@@ -25,6 +25,7 @@ examples:
   compress model.onnx --target int8 --calib calib.npz --explain 10   rank layers by int8 sensitivity
   compress model.onnx --target int8 --calib photos/ --preprocess resize=256,crop=224,mean=0.5,std=0.25
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
+  compress model.onnx --target int8 --calib calib.npz --rounding adaround   learned weight rounding
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
   compress --target int8 --calibration entropy --print-recipe > r.toml   write the job down, edit it
@@ -42,7 +43,7 @@ PLANNED_FLAGS = ("prune", "prune_method", "lowrank", "train", "tune", "records")
 RECIPE_FLAGS = {
     "target": None, "backend": None, "format": None, "calibration": None, "keep_float": None, "min_sqnr": None,
     "explain": None, "seed": None, "threads": None, "no_latency": False, "no_fidelity": False,
-    "keep_slow_int8": False,
+    "keep_slow_int8": False, "rounding": None,
 }  # fmt: skip
 EXPLAIN_ROWS = 10
 
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
         help="int8 calibration method (default minmax)",
+    )
+    parser.add_argument(
+        "--rounding",
+        choices=["nearest", "adaround"],
+        help="int8 weight rounding: to nearest (default), or learned per layer on the calibration data (AdaRound; "
+        "slower to compile, more accurate)",
     )
     parser.add_argument("--keep-float", nargs="+", metavar="NODE", help="nodes to leave in float")
     parser.add_argument(
@@ -252,8 +259,8 @@ def _check_recipe_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if (args.explain is not None or args.min_sqnr is not None) and args.target != "int8":
-        raise UsageError("--explain and --min-sqnr apply to --target int8 only")
+    if (args.explain is not None or args.min_sqnr is not None or args.rounding) and args.target != "int8":
+        raise UsageError("--explain, --min-sqnr and --rounding apply to --target int8 only")
     if args.explain is not None and args.explain < 1:
         raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
 
@@ -285,6 +292,8 @@ def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["keep_float"] = frozenset(args.keep_float)
     if args.min_sqnr is not None:
         overrides["min_sqnr_db"] = args.min_sqnr
+    if args.rounding:
+        overrides["rounding"] = args.rounding
     return overrides
 
 

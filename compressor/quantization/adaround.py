@@ -40,7 +40,7 @@ FLUSH_ELEMENTS = 2**21  # buffered input values per side before `LayerMoments` m
 class RoundingSettings:
     """How one layer's rounding is optimised."""
 
-    iterations: int = 300
+    iterations: int = 200
     regularization: float = 1.0  # weight of the rounding regulariser, the objective scaled to 1 at nearest
     learning_rate: float = 0.1
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second

@@ -45,7 +45,7 @@ class QuantizeInt8Config:
     # rounded layer's bias to the quantized model's inputs (AdaQuant's bias tuning, in closed form;
     # it replaces bias correction there), ``rounding_scale`` each output channel's weight scale.
     rounding: str = tunable("nearest", ROUNDING_METHODS)
-    rounding_iterations: int = tunable(300, (100, 300, 1000))  # optimisation steps per layer
+    rounding_iterations: int = tunable(200, (100, 200, 500))  # optimisation steps per layer
     rounding_bias: bool = tunable(True, (False, True))
     rounding_scale: bool = tunable(False, (False, True))
     keep_float: frozenset[str] = field(default_factory=frozenset)  # node names left in float

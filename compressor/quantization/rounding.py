@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 
 # Output positions a Conv's moments read per sample (chosen at random): thousands of rows per sample
 # add little to ``K x K`` moments but cost time and memory at 112x112.
-MAX_POSITIONS = 512
+MAX_POSITIONS = 256
+# ...and fewer where fewer suffice: moments from this many rows per input (a depthwise 5x5 has 25) and
+# at least `MIN_ROWS`; more rows cost time in proportion and moved no layer's result measurably.
+ROWS_PER_INPUT, MIN_ROWS = 64, 4096
+# Inputs per output a layer may have to be rounded: its moments hold 3 K x K float64 matrices (127 MB at
+# 2304 = 256 x 3 x 3) and each step costs outputs x K^2; wider layers (ResNet's last 3x3 stage) keep nearest.
+MAX_FAN_IN = 2304
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,15 @@ def optimize_rounding(
     records: dict[str, LayerRecord] = {}
     for node in plan.compute:
         layer = _Layer.of(node)
+        if isinstance(layer, _Layer) and layer.fan_in > MAX_FAN_IN:
+            layer = f"nearest: fan-in {layer.fan_in} is above {MAX_FAN_IN} (its moments grow with the square)"
         if isinstance(layer, _Layer):
             layers.append(layer)
         elif node.name:
             records[node.name] = LayerRecord(node.name, node.op_type, 0, 0, float("nan"), float("nan"), layer)
     samples = min(config.num_samples, dataset.num_samples)
-    batch_size = dataset.batch_size_for(4 * BATCH_INPUT_ELEMENTS, config.batch_size)  # outputs few tensors
+    # 4 images at 224x224 a batch: one image took 83 s on EfficientNet-Lite0 (354 MB peak), four 70 s (401 MB).
+    batch_size = dataset.batch_size_for(4 * BATCH_INPUT_ELEMENTS, config.batch_size)
     rounded: dict[str, RoundedWeight] = {}
     bar = tqdm(total=len(layers), unit="layer", desc="rounding", disable=not progress, leave=False)
     for index, wave in enumerate(_waves(model, layers)):
@@ -157,11 +166,13 @@ class _Layer:
             return cls(node.name, node.op_type, weight.name, array, 1, array.shape[0], True)
         return f"nearest: {node.op_type} is not handled by rounding"
 
-    def rows(self, pair: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    def rows(
+        self, pair: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, limit: int = MAX_POSITIONS
+    ) -> list[np.ndarray]:
         """The layer's inputs (quantized, float) as paired rows ``[G, P, K]``: a Conv's patches, a Gemm's rows.
 
-        A Conv reads at most `MAX_POSITIONS` output positions per sample, the same random
-        ones in both: a 112x112 map holds far more rows than its moments need.
+        A Conv reads at most ``limit`` output positions per sample, the same random ones in
+        both: a 112x112 map holds far more rows than its moments need.
         """
         if self.op != "Conv":
             return [np.asarray(x, np.float32).reshape(1, -1, self.fan_in) for x in pair]
@@ -171,7 +182,7 @@ class _Layer:
         grid = [(n + b + e - d * (k - 1) - 1) // s + 1
                 for n, b, e, d, k, s in zip(sizes, begin, end, self.dilations, self.kernel, self.strides, strict=True)]
         positions = int(np.prod(grid))
-        chosen = np.arange(positions) if positions <= MAX_POSITIONS else rng.choice(positions, MAX_POSITIONS, False)
+        chosen = np.arange(positions) if positions <= limit else rng.choice(positions, limit, replace=False)
         starts = np.unravel_index(np.sort(chosen), grid)  # per spatial axis: [S]
         offsets = np.indices(self.kernel).reshape(spatial, -1)  # per spatial axis: [k]
         # Each tap's coordinates in the unpadded input; taps in the padding read zero.
@@ -182,18 +193,36 @@ class _Layer:
         rows = []
         for x in pair:
             x = np.asarray(x, np.float32)
-            patches = x.reshape(x.shape[0], x.shape[1], -1)[:, :, flat]  # [N, C, S, k]
+            batch, channels = x.shape[:2]
+            # One gather straight into [G, N, S, k, Cg] (taps outer, channels inner, as `grouped` orders K).
+            view = x.reshape(batch, self.groups, channels // self.groups, -1).transpose(1, 0, 3, 2)
+            patches = view[:, :, flat, :]
             if not inside.all():
-                patches *= inside
-            batch, _, count, taps = patches.shape
-            patches = patches.reshape(batch, self.groups, -1, count, taps).transpose(1, 0, 3, 2, 4)
-            rows.append(np.ascontiguousarray(patches).reshape(self.groups, batch * count, self.fan_in))
+                patches *= inside[..., None]
+            rows.append(patches.reshape(self.groups, -1, self.fan_in))
         return rows
 
+    def positions_per_sample(self, samples: int) -> int:
+        """Conv positions to read per sample for `ROWS_PER_INPUT` rows per input in all (at most `MAX_POSITIONS`)."""
+        wanted = max(ROWS_PER_INPUT * self.fan_in, MIN_ROWS)
+        return int(min(MAX_POSITIONS, max(1, -(-wanted // max(samples, 1)))))
+
     def grouped(self, array: np.ndarray) -> np.ndarray:
-        """A weight-shaped array as ``[G, O, K]``."""
-        matrix = array.T if self.transposed else array
-        return matrix.reshape(self.groups, -1, self.fan_in)
+        """A weight-shaped array as ``[G, O, K]``; a Conv's K runs over its taps, then its input channels."""
+        if self.op != "Conv":
+            return (array.T if self.transposed else array).reshape(1, -1, self.fan_in)
+        out_channels, per_group = array.shape[:2]
+        taps = array.reshape(out_channels, per_group, -1).transpose(0, 2, 1)
+        return taps.reshape(self.groups, out_channels // self.groups, self.fan_in)
+
+    def ungrouped(self, array: np.ndarray) -> np.ndarray:
+        """The inverse of `grouped`: ``[G, O, K]`` back to the weight's own shape."""
+        if self.op != "Conv":
+            matrix = array.reshape(-1, self.fan_in)
+            return matrix.T if self.transposed else matrix
+        out_channels, per_group = self.weight.shape[:2]
+        taps = array.reshape(out_channels, -1, per_group).transpose(0, 2, 1)
+        return taps.reshape(self.weight.shape)
 
     def round(
         self, moments: LayerMoments, config: QuantizeInt8Config, settings: RoundingSettings
@@ -219,8 +248,7 @@ class _Layer:
                              result.outcome)  # fmt: skip
         if result.outcome != "adaround" and not settings.refit_bias and not settings.refit_scale:
             return record, None
-        integers = result.q.reshape(self.groups * result.q.shape[1], self.fan_in)
-        integers = (integers.T if self.transposed else integers).reshape(self.weight.shape)
+        integers = self.ungrouped(result.q)
         new_scale = result.scale.reshape(-1) if not problem.shared_scale else scale
         weight = RoundedWeight(weight_settings(config), integers.astype(np.int8), new_scale.astype(np.float32),
                                zero, result.bias_shift)  # fmt: skip
@@ -272,7 +300,7 @@ def _stream_moments(
         f_values = _outputs(f_session, batch.feeds)
         for layer in wave:
             pair = (q_values[q_names[layer.name]], f_values[f_names[layer.name]])
-            moments[layer.name].update(*layer.rows(pair, rng))
+            moments[layer.name].update(*layer.rows(pair, rng, layer.positions_per_sample(samples)))
     for layer_moments in moments.values():
         layer_moments.flush()
     return moments

@@ -64,21 +64,23 @@ class QuantizeInt8Stage(Stage):
         time_islands: bool,
     ) -> Settled:
         if float_islands is not None:
-            return self._pinned(model, backend, frozenset(float_islands))
+            return self._pinned(model, backend, frozenset(float_islands), context)
         if not (time_islands and backend.times_int8_islands and context.calibration is not None):
             return Settled(model)
         self.guard = LatencyGuard(backend, context.calibration.first_batch(1))
         model, lowered, slower = keep_faster_islands(self.guard, self.quantize, backend, model, context)
         return Settled(model, lowered, tuple(sorted(slower)))
 
-    def _pinned(self, model: ir.Model, backend: Backend, float_islands: frozenset[str]) -> Settled:
+    def _pinned(
+        self, model: ir.Model, backend: Backend, float_islands: frozenset[str], context: PassContext
+    ) -> Settled:
         if not float_islands:
             return Settled(model, None, ())
         known = frozenset().union(*int8_islands(model))
         unknown = sorted(float_islands - known)
         if unknown:
             raise ConfigError(f"guard.float_islands: {unknown[0]!r} is not an int8 node of this model; remove it")
-        variant, stored = _floated(self.quantize, backend, float_islands)
+        variant, stored = _floated(self.quantize, backend, float_islands, context)
         self.quantize.skipped.update(dict.fromkeys(float_islands, PINNED_WHY))
         self.quantize.skipped.update(dict.fromkeys(stored, f"{PINNED_WHY}; its weights stay int8, dequantized at load"))
         return Settled(variant, None, tuple(sorted(float_islands)))
@@ -145,15 +147,20 @@ def keep_faster_islands(
         return model, lowered if len(guard.history) == 1 else None, slower
     gain = f"in float the model ran {guard.gain:.2f}x faster: {guard.speedup:.2f}x fp32"
     why = f"int8 island ran slower than float ({gain})"
-    variant, stored = _floated(quantize, backend, slower)
+    variant, stored = _floated(quantize, backend, slower, context or PassContext.current())
     quantize.skipped.update(dict.fromkeys(slower, why))
     quantize.skipped.update(dict.fromkeys(stored, f"{why}; its weights stay int8, dequantized at load"))
     return variant, None, slower
 
 
-def _floated(quantize: QuantizeInt8, backend: Backend, also_float: frozenset[str]) -> tuple[ir.Model, list[str]]:
-    """The quantized model again with ``also_float`` in float, and the nodes whose weights still store int8."""
-    variant, store = quantize.variant(also_float), StoreWeightsInt8(StoreWeightsInt8Config(also_float))
+def _floated(
+    quantize: QuantizeInt8, backend: Backend, also_float: frozenset[str], final: PassContext | None = None
+) -> tuple[ir.Model, list[str]]:
+    """The quantized model again with ``also_float`` in float, and the nodes whose weights still store int8.
+
+    ``final``: this is the model kept, so rounding optimisation (if on) reruns around the float nodes.
+    """
+    variant, store = quantize.variant(also_float, final), StoreWeightsInt8(StoreWeightsInt8Config(also_float))
     if backend.dequantizes_weights_at_load:
         store(variant)
     return variant, store.stored
