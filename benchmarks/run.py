@@ -73,9 +73,6 @@ LOWRANK = [
     Method("truncated SVD, Gemm/MatMul + Conv, ~20% params", "peer", "lowrank", peers.svd_gemm_conv),
 ]
 SCALE = [ORT_DEFAULTS, ORT_BEST, OURS_INT8, OURS_INT8_UNSEARCHED]
-ROUNDING = [OURS_FP32, OURS_INT8, OURS_INT8_ADAROUND, ORT_DEFAULTS, ORT_BEST]
-# The rounding table's data: EfficientNet-Lite0 on the peers' conditions (64 calibration crops, 256 evaluation crops).
-ROUNDING_MODELS = {**dict.fromkeys(DEFAULT_MODELS, (None, None)), "efficientnet_lite0": (64, 256)}
 
 BASE_COLUMNS = ["model", "recipe", "top1_fp32", "top1", "drop", "agreement"]
 SPEED_COLUMNS = ["size_ratio", "speedup_b1", "speedup_b8", "wall"]
@@ -258,27 +255,6 @@ def with_calib_samples(model: ZooModel, count: int, folder: Path) -> ZooModel:
     return dataclasses.replace(model, calib_path=path)
 
 
-def with_eval_samples(model: ZooModel, count: int, folder: Path) -> ZooModel:
-    """``model`` with an evaluation file of its first ``count`` samples (every array cut alike)."""
-    with np.load(model.eval_path) as npz:
-        arrays = {k: npz[k][:count] for k in npz.files}
-    path = folder / f"{model.name}-eval{count}.npz"
-    np.savez(path, **arrays)
-    return dataclasses.replace(model, eval_path=path)
-
-
-def run_rounding(runs: int) -> None:
-    """results/rounding.md: rounding to nearest vs learned rounding, on `ROUNDING_MODELS`' data."""
-    models, skipped = load_models(list(ROUNDING_MODELS))
-    with tempfile.TemporaryDirectory(prefix="bench-rounding-") as folder:
-        cut = []
-        for model in models:
-            calib, evaluation = ROUNDING_MODELS[model.name]
-            model = with_calib_samples(model, calib, Path(folder)) if calib else model
-            cut.append(with_eval_samples(model, evaluation, Path(folder)) if evaluation else model)
-        write_results(tables(False)["rounding"], run_rows(cut, ROUNDING, runs, None), skipped)
-
-
 def run_scale(runs: int) -> None:
     """Compile cost against calibration-set size: each `SCALE_SWEEP` model and size, every `SCALE` recipe."""
     models, skipped = load_models(list(SCALE_SWEEP))
@@ -341,23 +317,6 @@ def tables(finetune: bool) -> dict[str, Table]:
                 "model, subset_size = all calibration samples.",
             ],
         ),
-        "rounding": Table(
-            "rounding",
-            "int8 rounding optimisation: rounding to nearest vs AdaRound",
-            ROUNDING,
-            [
-                "*ours int8, --rounding adaround* is *ours int8* (all its defaults, the search and the guard "
-                "included) with each weight's rounding learned layer by layer on the calibration data "
-                "(`compressor/quantization/rounding.py`). EfficientNet-Lite0 runs on the peers' conditions of "
-                "the rounding issue: its first 64 calibration crops and first 256 evaluation crops.",
-                "AMD Quark 0.13 and AIMET-ONNX 2.42 are not installed in the benchmark extras (not tried: their "
-                "dependency pins were not checked against ours), so they have no rows; these are their figures "
-                "on the same EfficientNet-Lite0 data as measured earlier by the team, quoted, not measured in "
-                "this run: Quark AdaRound (per-channel, u8 activations) 25.4 dB logits SQNR, confident agreement "
-                "1.000, all-crop 0.922, 234 s compile on 2 cores; Quark AdaQuant 24.4 dB, 1.000, 0.945; "
-                "AIMET-ONNX AdaRound (200 iterations, config hand-fixed) 19.4 dB, 1.000, 0.902.",
-            ],
-        ),
         "prune": Table(
             "prune",
             "Structured pruning: peers vs ours",
@@ -407,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only == "scale" or (args.only is None and args.slow):
         run_scale(runs)
     if args.only == "rounding" or (args.only is None and args.slow):
-        run_rounding(runs)
+        from benchmarks import rounding  # it builds on this module
+
+        rounding.run(runs)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

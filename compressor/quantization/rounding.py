@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
@@ -149,11 +150,10 @@ class _Layer:
             if "auto_pad" in attrs and attrs["auto_pad"].as_string() not in ("NOTSET", ""):
                 return "nearest: Conv with auto_pad is not handled by rounding"
             spatial = array.ndim - 2
-            ints = lambda key, default: tuple(attrs[key].as_ints()) if key in attrs else default  # noqa: E731
             groups = attrs["group"].as_int() if "group" in attrs else 1
             return cls(node.name, node.op_type, weight.name, array, groups, int(np.prod(array.shape[1:])), False,
-                       tuple(array.shape[2:]), ints("strides", (1,) * spatial), ints("pads", (0,) * 2 * spatial),
-                       ints("dilations", (1,) * spatial))  # fmt: skip
+                       tuple(array.shape[2:]), _ints(attrs, "strides", (1,) * spatial),
+                       _ints(attrs, "pads", (0,) * 2 * spatial), _ints(attrs, "dilations", (1,) * spatial))  # fmt: skip
         if array.ndim != 2:
             return f"nearest: {node.op_type} with a {array.ndim}-d weight is not handled by rounding"
         if node.op_type == "Gemm":
@@ -306,7 +306,11 @@ def _stream_moments(
     return moments
 
 
-def _cut(model: ir.Model, wave: list[_Layer]):
+def _ints(attributes: Mapping[str, ir.Attr], key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(attributes[key].as_ints()) if key in attributes else default
+
+
+def _cut(model: ir.Model, wave: list[_Layer]) -> tuple[ort.InferenceSession | None, dict[str, str]]:
     """A session computing the wave layers' inputs in ``model`` (None if all are graph inputs), and their names."""
     nodes = {node.name: node for node in model.graph}
     names = {layer.name: nodes[layer.name].inputs[0].name for layer in wave}
@@ -323,7 +327,7 @@ def _cut(model: ir.Model, wave: list[_Layer]):
     return runtime.make_session(model, options=options), names
 
 
-def _outputs(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _outputs(session: ort.InferenceSession | None, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     values = dict(feeds)
     if session is not None:
         names = [output.name for output in session.get_outputs()]
