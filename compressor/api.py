@@ -61,6 +61,7 @@ def compress(
     measure_fidelity: bool | None = None,
     int8: Mapping[str, object] | None = None,
     explain: bool | None = None,
+    prune: Mapping[str, object] | None = None,
 ) -> Result:
     """Compress an ONNX model for a backend and measure it against the original.
 
@@ -75,13 +76,16 @@ def compress(
     `Recipe.from_options`, which default to cpu, 2 threads, fused int8 operators, seed 0, the
     latency guard and both measurements on. ``int8`` overrides fields of `QuantizeInt8Config` (the
     backend's fast-path choices are the defaults); ``explain`` ranks every layer's int8 sensitivity
-    (``Result.sensitivity``). ``qdq`` keeps the portable QDQ form instead of fused integer operators.
+    (``Result.sensitivity``). ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
+    that fraction of the MACs as whole channels (structured pruning; no fine-tuning yet).
+    ``qdq`` keeps the portable QDQ form instead of fused integer operators.
     ``latency_guard`` (on backends that support it) times each int8 island and keeps it in float
     where the model runs faster that way. Raises a `CompressorError` subclass for bad input.
     """
     options = {
         "backend": backend, "threads": threads, "qdq": qdq, "seed": seed, "latency_guard": latency_guard,
         "measure_latency": measure_latency, "measure_fidelity": measure_fidelity, "int8": int8, "explain": explain,
+        "prune": prune,
     }  # fmt: skip
     job = _recipe(target, recipe, {name: value for name, value in options.items() if value is not None})
     chosen_backend = job.backend.build()

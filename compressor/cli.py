@@ -26,6 +26,8 @@ examples:
   compress model.onnx --target int8 --calib photos/ --preprocess resize=256,crop=224,mean=0.5,std=0.25
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target int8 --calib calib.npz --rounding adaround   learned weight rounding
+  compress model.onnx --prune 0.5   remove half the MACs as whole channels (a smaller, faster fp32 model)
+  compress model.onnx --prune 0.5 --target int8 --calib calib.npz   pruned, then quantized
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
   compress --target int8 --calibration entropy --print-recipe > r.toml   write the job down, edit it
@@ -38,12 +40,12 @@ exit status: 0 ok, 2 bad input or usage, 1 internal error (please report it).
 
 # Flags of capabilities still being built: accepted by the parser so the user
 # gets "not implemented yet" rather than "unrecognised argument".
-PLANNED_FLAGS = ("prune", "prune_method", "lowrank", "train", "tune", "records")
+PLANNED_FLAGS = ("lowrank", "train", "tune", "records")
 # Flags that describe the job, so a --recipe already says them: flag -> its default when not given.
 RECIPE_FLAGS = {
     "target": None, "backend": None, "format": None, "calibration": None, "keep_float": None, "min_sqnr": None,
     "explain": None, "seed": None, "threads": None, "no_latency": False, "no_fidelity": False,
-    "keep_slow_int8": False, "rounding": None,
+    "keep_slow_int8": False, "rounding": None, "prune": None, "prune_method": None, "prune_round_to": None,
 }  # fmt: skip
 EXPLAIN_ROWS = 10
 
@@ -97,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 weight rounding: to nearest (default), or learned per layer on the calibration data (AdaRound; "
         "slower to compile, more accurate)",
     )
+    parser.add_argument(
+        "--prune",
+        type=float,
+        metavar="FRACTION",
+        help="remove this fraction of the MACs as whole channels first (structured pruning, e.g. 0.5)",
+    )
+    parser.add_argument(
+        "--prune-method", choices=["l1", "lrp", "masksparsity"], help="channel scores (default l1: filter magnitude)"
+    )
+    parser.add_argument(
+        "--prune-round-to", type=int, metavar="N", help="keep channel counts in multiples of N (default 8)"
+    )
     parser.add_argument("--keep-float", nargs="+", metavar="NODE", help="nodes to leave in float")
     parser.add_argument(
         "--min-sqnr",
@@ -138,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     planned = parser.add_argument_group("planned (not implemented yet)")
-    planned.add_argument("--prune", type=float)
-    planned.add_argument("--prune-method", choices=["l1", "lrp", "masksparsity"])
     planned.add_argument("--lowrank", type=float)
     planned.add_argument("--train")
     planned.add_argument("--tune", type=int)
@@ -261,6 +273,10 @@ def _check_recipe_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if (args.explain is not None or args.min_sqnr is not None or args.rounding) and args.target != "int8":
         raise UsageError("--explain, --min-sqnr and --rounding apply to --target int8 only")
+    if args.prune is not None and not 0.0 < args.prune < 1.0:
+        raise UsageError(f"--prune takes the fraction of MACs to remove, between 0 and 1 (exclusive); got {args.prune}")
+    if (args.prune_method or args.prune_round_to is not None) and args.prune is None:
+        raise UsageError("--prune-method and --prune-round-to need --prune FRACTION")
     if args.explain is not None and args.explain < 1:
         raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
 
@@ -281,7 +297,15 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         measure_latency=not args.no_latency,
         measure_fidelity=not args.no_fidelity,
         int8=_int8_overrides(args),
+        prune=_prune_settings(args),
     )
+
+
+def _prune_settings(args: argparse.Namespace) -> dict[str, object] | None:
+    if args.prune is None:
+        return None
+    given = {"fraction": args.prune, "method": args.prune_method, "round_to": args.prune_round_to}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -123,7 +123,23 @@ def compute_cost(
     """
     proto = cir.to_proto(model) if isinstance(model, ir.Model) else model
     params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    skeleton = _without_weight_data(proto, input_shapes or {})
+    shapes, inferred = _mac_shapes(proto, input_shapes or {})
+    macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
+    return ComputeCost(macs=int(macs), params=int(params))
+
+
+def layer_shapes(
+    model: ir.Model | onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes (batch 1) of the tensors `compute_cost` counts MACs from, by value name."""
+    proto = cir.to_proto(model) if isinstance(model, ir.Model) else model
+    return _mac_shapes(proto, input_shapes or {})[0]
+
+
+def _mac_shapes(
+    proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, tuple[int, ...]], onnx.ModelProto]:
+    skeleton = _without_weight_data(proto, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort for a metric
@@ -132,9 +148,8 @@ def compute_cost(
     missing = [n.output[0] for n in inferred.graph.node if n.op_type in MAC_OPS and n.output[0] not in shapes]
     if missing:  # ONNX shape inference stops at contrib ops (QLinearAdd, QGemm, ...): ask onnxruntime
         names = [i for n in proto.graph.node if n.op_type in MAC_OPS for i in n.input]
-        shapes.update(_shapes_by_running(proto, names, input_shapes or {}))
-    macs = sum(_node_macs(node, shapes) for node in inferred.graph.node)
-    return ComputeCost(macs=int(macs), params=int(params))
+        shapes.update(_shapes_by_running(proto, names, input_shapes))
+    return shapes, inferred
 
 
 SMALL_INITIALIZER_ELEMENTS = 64

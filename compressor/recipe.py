@@ -45,7 +45,7 @@ else:  # pragma: no cover - Python 3.10
 
 VERSION = 1
 FORMATS = ("fused", "qdq")
-TARGETS = ("fp32", *(stage.target for stage in STAGES.values()), "int16")
+TARGETS = tuple(dict.fromkeys(("fp32", *(stage.target for stage in STAGES.values()), "int16")))
 
 
 @dataclass(frozen=True)
@@ -147,19 +147,23 @@ class Recipe:
         measure_fidelity: bool = True,
         int8: Mapping[str, object] | None = None,
         explain: bool = False,
+        prune: Mapping[str, object] | None = None,
     ) -> Recipe:
         """The recipe that `compress`'s keywords (and the CLI's flags) describe.
 
         ``int8`` overrides fields of the int8 stage's config on top of the backend's preferences.
+        ``prune`` (fields of `PruneConfig`, ``fraction`` among them) adds a prune stage first.
         """
         if target not in TARGETS:
             raise UsageError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
         settings = BackendSettings(backend, threads, "qdq" if qdq else "fused")
         stages: tuple[Any, ...] = ()
+        if prune is not None:
+            stages = (_stage_config(STAGES["prune"], prune, settings, "prune"),)
         if target == "int8":
             stage = STAGES["quantize_int8"]
             given = {**(int8 or {}), **({"explain": True} if explain else {})}
-            stages = (_stage_config(stage, given, settings, "int8"),)
+            stages = (*stages, _stage_config(stage, given, settings, "int8"))
         elif target != "fp32":
             raise UsageError(f"--target {target}: not implemented yet; use --target fp32 or int8 for now")
         measure = MeasureSettings(measure_latency, measure_fidelity)
