@@ -70,7 +70,9 @@ def classes_with(analysis: ChannelGraph, *layers: str) -> list[int]:
 
 def test_chain_and_model_output() -> None:
     nodes = [conv("a", "input", "wa", "ya"), helper.make_node("Relu", ["ya"], ["ra"]), conv("b", "ra", "wb", "output")]
-    proto = float_model("chain", nodes, conv_weights("wa", 8, 3) + conv_weights("wb", 4, 8), ([2, 3, 8, 8], [2, 4, 8, 8]))
+    proto = float_model(
+        "chain", nodes, conv_weights("wa", 8, 3) + conv_weights("wb", 4, 8), ([2, 3, 8, 8], [2, 4, 8, 8])
+    )
     analysis = removal_is_exact(proto)
     assert len(classes_with(analysis, "a")) == 8 and len(analysis.prunable) == 8
     assert all("model output" in why for why in analysis.blocked.values()) and len(analysis.blocked) == 4
@@ -90,8 +92,14 @@ def test_residual_add_couples_both_layers() -> None:
 
 
 def test_add_with_a_graph_input_is_blocked() -> None:
-    nodes = [conv("a", "input", "wa", "ya"), helper.make_node("Add", ["ya", "input"], ["s"]), conv("c", "s", "wc", "output")]
-    proto = float_model("input_add", nodes, conv_weights("wa", 3, 3) + conv_weights("wc", 4, 3), ([2, 3, 8, 8], [2, 4, 8, 8]))
+    nodes = [
+        conv("a", "input", "wa", "ya"),
+        helper.make_node("Add", ["ya", "input"], ["s"]),
+        conv("c", "s", "wc", "output"),
+    ]
+    proto = float_model(
+        "input_add", nodes, conv_weights("wa", 3, 3) + conv_weights("wc", 4, 3), ([2, 3, 8, 8], [2, 4, 8, 8])
+    )
     analysis = analyze(imported(proto).graph)
     assert classes_with(analysis, "a") and all(c in analysis.blocked for c in classes_with(analysis, "a"))
 
@@ -171,7 +179,7 @@ def test_flatten_then_gemm_removes_spatial_blocks() -> None:
         helper.make_node("Flatten", ["ya"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "wg", "bg"], ["output"], transB=1),
     ]
-    inits = conv_weights("wa", 8, 3) + [weight("wg", 5, 8 * 8 * 8), weight("bg", 5)]
+    inits = [*conv_weights("wa", 8, 3), weight("wg", 5, 8 * 8 * 8), weight("bg", 5)]
     analysis = removal_is_exact(float_model("flatten", nodes, inits, ([2, 3, 8, 8], [2, 5])))
     assert len(classes_with(analysis, "a")) == 8
 
