@@ -47,6 +47,7 @@ def compress(
     recipe: Recipe | str | os.PathLike | None = None,
     calib: str | os.PathLike | None = None,
     eval: str | os.PathLike | None = None,  # noqa: A002 - mirrors the CLI flag
+    train: str | os.PathLike | None = None,
     preprocess: str | None = None,
     verify: bool = False,
     dump_ir: str | os.PathLike | None = None,
@@ -77,7 +78,8 @@ def compress(
     latency guard and both measurements on. ``int8`` overrides fields of `QuantizeInt8Config` (the
     backend's fast-path choices are the defaults); ``explain`` ranks every layer's int8 sensitivity
     (``Result.sensitivity``). ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
-    that fraction of the MACs as whole channels (structured pruning; no fine-tuning yet).
+    that fraction of the MACs as whole channels (structured pruning), fine-tuned on ``train`` (an
+    ``.npz`` with labels ``y``, or an image folder) when given.
     ``qdq`` keeps the portable QDQ form instead of fused integer operators.
     ``latency_guard`` (on backends that support it) times each int8 island and keeps it in float
     where the model runs faster that way. Raises a `CompressorError` subclass for bad input.
@@ -98,6 +100,7 @@ def compress(
         # work; evaluation data only by the final report, so it is read through once up front instead.
         calibration=_dataset(calib, specs, preprocess, read_through=False),
         evaluation=_dataset(eval, specs, preprocess, read_through=True),
+        train=_dataset(train, specs, preprocess, read_through=False),
         backend=chosen_backend.name,
         seed=job.seed,
         input_shapes=shapes,

@@ -27,6 +27,7 @@ examples:
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target int8 --calib calib.npz --rounding adaround   learned weight rounding
   compress model.onnx --prune 0.5   remove half the MACs as whole channels (a smaller, faster fp32 model)
+  compress model.onnx --prune 0.5 --train train.npz --eval test.npz   pruned, then fine-tuned (3 epochs)
   compress model.onnx --prune 0.5 --target int8 --calib calib.npz   pruned, then quantized
   compress model.onnx --target fp32 --eval test.npz --report report.json
   compress model.onnx -o clean.onnx --verify --dump-ir ir_dump/
@@ -40,12 +41,13 @@ exit status: 0 ok, 2 bad input or usage, 1 internal error (please report it).
 
 # Flags of capabilities still being built: accepted by the parser so the user
 # gets "not implemented yet" rather than "unrecognised argument".
-PLANNED_FLAGS = ("lowrank", "train", "tune", "records")
+PLANNED_FLAGS = ("lowrank", "tune", "records")
 # Flags that describe the job, so a --recipe already says them: flag -> its default when not given.
 RECIPE_FLAGS = {
     "target": None, "backend": None, "format": None, "calibration": None, "keep_float": None, "min_sqnr": None,
     "explain": None, "seed": None, "threads": None, "no_latency": False, "no_fidelity": False,
     "keep_slow_int8": False, "rounding": None, "prune": None, "prune_method": None, "prune_round_to": None,
+    "epochs": None, "lr": None,
 }  # fmt: skip
 EXPLAIN_ROWS = 10
 
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prune-round-to", type=int, metavar="N", help="keep channel counts in multiples of N (default 8)"
     )
+    parser.add_argument("--train", help="training data (.npz with labels 'y'): fine-tunes the model after --prune")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs with --train (default 3)")
+    parser.add_argument("--lr", type=float, help="fine-tuning learning rate with --train (default 0.001, Adam)")
     parser.add_argument("--keep-float", nargs="+", metavar="NODE", help="nodes to leave in float")
     parser.add_argument(
         "--min-sqnr",
@@ -153,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     planned = parser.add_argument_group("planned (not implemented yet)")
     planned.add_argument("--lowrank", type=float)
-    planned.add_argument("--train")
     planned.add_argument("--tune", type=int)
     planned.add_argument("--records")
     return parser
@@ -201,6 +205,7 @@ def _main(argv: Sequence[str] | None) -> int:
         recipe=recipe,
         calib=calib,
         eval=evaluation,
+        train=args.train,
         preprocess=args.preprocess,
         verify=args.verify,
         dump_ir=args.dump_ir,
@@ -275,8 +280,14 @@ def _check_recipe_flags(args: argparse.Namespace) -> None:
         raise UsageError("--explain, --min-sqnr and --rounding apply to --target int8 only")
     if args.prune is not None and not 0.0 < args.prune < 1.0:
         raise UsageError(f"--prune takes the fraction of MACs to remove, between 0 and 1 (exclusive); got {args.prune}")
-    if (args.prune_method or args.prune_round_to is not None) and args.prune is None:
-        raise UsageError("--prune-method and --prune-round-to need --prune FRACTION")
+    if (args.prune_method or args.prune_round_to is not None or args.train) and args.prune is None:
+        raise UsageError("--prune-method, --prune-round-to and --train need --prune FRACTION")
+    if (args.epochs is not None or args.lr is not None) and args.train is None:
+        raise UsageError("--epochs and --lr set fine-tuning: they need --train DATA")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.explain is not None and args.explain < 1:
         raise UsageError(f"--explain needs a positive number of layers, got {args.explain}")
 
@@ -304,7 +315,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 def _prune_settings(args: argparse.Namespace) -> dict[str, object] | None:
     if args.prune is None:
         return None
-    given = {"fraction": args.prune, "method": args.prune_method, "round_to": args.prune_round_to}
+    given = {"fraction": args.prune, "method": args.prune_method, "round_to": args.prune_round_to,
+             "epochs": args.epochs, "lr": args.lr}  # fmt: skip
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -350,7 +362,7 @@ def _resolve_paths(args: argparse.Namespace, target: str) -> tuple[Path, str | N
         raise UsageError(f"output folder does not exist: {output.parent}; create it first")
     if output.exists() and not force:
         raise UsageError(f"output file already exists: {output}; pass --force to overwrite it")
-    for flag, path in (("--calib", calib), ("--eval", evaluation)):
+    for flag, path in (("--calib", calib), ("--eval", evaluation), ("--train", args.train)):
         if path is not None and not Path(path).exists():
             raise UsageError(f"{flag} not found: {path}; check the path")
     if args.report:

@@ -117,7 +117,7 @@ def test_cli_prunes_the_demo_and_replays_byte_for_byte(tmp_path: Path, capsys: p
     assert compute_cost(pruned).macs <= 0.5 * compute_cost(original).macs
     assert pruned.ByteSize() < original.ByteSize()
     again = tmp_path / "again.onnx"
-    code, _, err = run_cli([DEMO / "demo.onnx", "--recipe", report, "-o", again], capsys)
+    code, _, err = run_cli([DEMO / "demo.onnx", "--recipe", report, "--calib", DEMO / "demo.npz", "-o", again], capsys)
     assert code == 0, err
     assert again.read_bytes() == output.read_bytes()
 

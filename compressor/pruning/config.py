@@ -17,12 +17,22 @@ class PruneConfig:
 
     ``method`` scores the channels (``l1``: filter magnitude). Each group of coupled
     layers keeps at least ``min_keep`` of its channels, in multiples of ``round_to``.
+    With data (calibration or training), ``compensate`` moves each removed channel's
+    mean into the next layer's bias. With training data (``--train``), the pruned
+    model is fine-tuned for ``epochs`` (`compressor.training`), distilled from the
+    original with weight ``distill``.
     """
 
     fraction: float = tunable(0.5, (0.3, 0.5, 0.7))  # of the MACs, removed
     method: str = tunable("l1", PRUNE_METHODS)
     round_to: int = tunable(8, (1, 4, 8, 16))
     min_keep: float = 0.1
+    compensate: bool = tunable(True, (False, True))
+    epochs: int = tunable(3, (1, 3, 5))
+    lr: float = tunable(1e-3, (3e-4, 1e-3, 3e-3))
+    batch_size: int = 64
+    distill: float = tunable(1.0, (0.0, 1.0))
+    train_samples: int | None = None  # read at most this many training samples (None: all)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -33,5 +43,9 @@ class PruneConfig:
             raise ConfigError(f"unknown prune method {self.method!r}; choose one of: {', '.join(PRUNE_METHODS)}")
         if self.round_to < 1:
             raise ConfigError(f"prune round_to must be >= 1, got {self.round_to}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("prune epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ConfigError(f"prune train_samples must be >= 1, got {self.train_samples}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ConfigError(f"prune min_keep must be in (0, 1], got {self.min_keep}")

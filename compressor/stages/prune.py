@@ -34,7 +34,17 @@ class PruneStage(Stage):
         record["macs_removed"] = round(choice.fraction_removed, 4)
         record["layers"] = self.prune.layers
         record["blocked"] = self.prune.blocked
-        report.notes.append(
-            f"pruning ({self.config.method}) removed {choice.fraction_removed:.1%} of the MACs with no fine-tuning: "
-            "accuracy may drop; check the report's accuracy or agreement"
-        )
+        record["compensated"] = self.prune.compensated
+        record["fine_tuning"] = [epoch.as_dict() for epoch in self.prune.training]
+        removed = f"pruning ({self.config.method}) removed {choice.fraction_removed:.1%} of the MACs"
+        if self.prune.training:
+            best = max(self.prune.training, key=lambda e: e.holdout_top1)
+            report.notes.append(
+                f"{removed}, then fine-tuned {len(self.prune.training)} epoch(s): held-out top-1 "
+                f"{best.holdout_top1:.2%} at epoch {best.epoch}"
+            )
+        else:
+            report.notes.append(
+                f"{removed} with no fine-tuning: accuracy may drop; pass --train DATA.npz (with labels 'y') to "
+                "fine-tune"
+            )
