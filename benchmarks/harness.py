@@ -62,6 +62,7 @@ class Method:
     kind: str  # "int8", "prune", "lowrank" or "fp32"
     fn: Callable[[ZooModel, Path], Path | None]
     heavy: bool = False  # slow or memory-hungry on 224×224 models: run there only when asked
+    latency_batches: tuple[int, ...] = (1, 8)  # batch sizes whose latency the row measures
 
     def __post_init__(self) -> None:
         if "<" in self.fn.__qualname__:
@@ -276,14 +277,16 @@ def measure(
             row.note = prefix + str(outcome["error"])
             return row
         try:
-            _measure_output(row, model, Path(str(outcome["path"])), runs, eval_limit)
+            _measure_output(row, model, Path(str(outcome["path"])), runs, eval_limit, recipe.latency_batches)
             row.ok = True
         except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime refusing the peer's model
             row.note = f"measuring failed: {type(exc).__name__}: {_first_line(str(exc))}"
     return row
 
 
-def _measure_output(row: Row, model: ZooModel, path: Path, runs: int, eval_limit: int | None) -> None:
+def _measure_output(
+    row: Row, model: ZooModel, path: Path, runs: int, eval_limit: int | None, batches: tuple[int, ...] = (1, 8)
+) -> None:
     options = runtime.session_options(threads=THREADS, spinning=False)
     fp32 = ort.InferenceSession(str(model.onnx_path), options, providers=["CPUExecutionProvider"])
     test = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -293,8 +296,8 @@ def _measure_output(row: Row, model: ZooModel, path: Path, runs: int, eval_limit
     row.size_bytes, row.size_fp32_bytes = disk_size(path), disk_size(model.onnx_path)
     before, after = compute_cost(onnx.load(str(model.onnx_path))), compute_cost(onnx.load(str(path)))
     row.macs, row.macs_fp32, row.params, row.params_fp32 = after.macs, before.macs, after.params, before.params
-    feeds = Dataset(model.eval_path, specs).first_batch(8)
-    for batch in (1, 8):
+    feeds = Dataset(model.eval_path, specs).first_batch(max(batches))
+    for batch in batches:
         sliced = {k: v[:batch] for k, v in feeds.items()}
         if next(iter(sliced.values())).shape[0] < batch:
             continue

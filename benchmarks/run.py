@@ -61,13 +61,6 @@ INT8 = [
     Method("ORT best flags, Percentile calibration", "peer", "int8", peers.ort_percentile, heavy=True),
     Method("NNCF quantize (default preset)", "peer", "int8", peers.nncf_default, heavy=True),
 ]
-PRUNE = [
-    Method("Torch-Pruning L1 uniform, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_uniform),
-    Method("Torch-Pruning L1 global, ~60% MACs, no fine-tune", "peer", "prune", peers.tp_global),
-]
-PRUNE_FINETUNED = Method(
-    "Torch-Pruning L1 uniform, ~60% MACs, 1 epoch fine-tune", "peer", "prune", peers.tp_uniform_finetuned
-)
 LOWRANK = [
     Method("truncated SVD, Gemm/MatMul, ~20% params", "peer", "lowrank", peers.svd_gemm),
     Method("truncated SVD, Gemm/MatMul + Conv, ~20% params", "peer", "lowrank", peers.svd_gemm_conv),
@@ -87,7 +80,8 @@ COLUMNS = {
         "rss",
         "note",
     ],
-    "prune": [*BASE_COLUMNS, "sqnr", "macs_removed", "params_fraction", *SPEED_COLUMNS, "note"],
+    "prune": [*BASE_COLUMNS, "sqnr", "macs_removed", "params_fraction", *SPEED_COLUMNS[:3], "speedup_b64", "wall",
+              "note"],
     "lowrank": [*BASE_COLUMNS, "sqnr", "params_fraction", "macs_removed", *SPEED_COLUMNS, "note"],
     "rounding": [],  # the int8 columns, set below
     "scale": ["model", "recipe", "calib", "wall", "rss", "base_rss", "agreement", "sqnr", "size_ratio", "note"],
@@ -177,13 +171,14 @@ SUMMARY: dict[str, tuple[str, str, Callable[[list[Row]], float | None]]] = {
     "params": ("median params kept", "%", lambda ok: _median([r.params_fraction for r in ok])),
     "b1": ("median speed-up b1", "x", lambda ok: _median([r.speedup(1) for r in ok])),
     "b8": ("median speed-up b8", "x", lambda ok: _median([r.speedup(8) for r in ok])),
+    "b64": ("median speed-up b64", "x", lambda ok: _median([r.speedup(64) for r in ok])),
     "spinning": ("median speed-up b1, spinning on", "x", lambda ok: _median([r.speedup_spinning for r in ok])),
     "wall": ("median wall s", "s", lambda ok: _median([r.wall_s for r in ok])),
     "rss": ("max peak RSS MB", "mb", lambda ok: max((r.peak_rss_mb for r in ok if r.peak_rss_mb), default=None)),
 }
 SUMMARY_KEYS = {
     "int8": ["median_loss", "size", "b1", "b8", "spinning", "wall", "rss"],
-    "prune": ["median_loss", "macs", "params", "b1", "b8"],
+    "prune": ["median_loss", "macs", "params", "b1", "b8", "b64"],
     "lowrank": ["median_loss", "params", "macs", "size", "b1"],
     "rounding": ["median_loss", "size", "b1", "b8", "spinning", "wall", "rss"],
 }
@@ -296,11 +291,11 @@ def scale_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def tables(finetune: bool) -> dict[str, Table]:
+def tables() -> dict[str, Table]:
     """The int8, prune and lowrank tables."""
+    from benchmarks import prune  # it builds on this module
+
     not_ours = "Our {} does not exist yet: no row for it (no numbers are made up)."
-    prune_recipes = [*PRUNE, *([PRUNE_FINETUNED] if finetune else [])]
-    prune_note = "Fine-tuning is off by default (`--finetune` adds a 1-epoch row); these rows prune without it."
     return {
         "int8": Table(
             "int8",
@@ -317,18 +312,7 @@ def tables(finetune: bool) -> dict[str, Table]:
                 "model, subset_size = all calibration samples.",
             ],
         ),
-        "prune": Table(
-            "prune",
-            "Structured pruning: peers vs ours",
-            prune_recipes,
-            [
-                not_ours.format("pruning"),
-                "Torch-Pruning (MetaPruner, MagnitudeImportance p=1) on the torch model, classifier kept, "
-                "pruning ratio bisected to ~60% MACs removed, channel counts not rounded (`round_to=None`, its "
-                "default), exported with torch.onnx.export(dynamo=True). "
-                "Needs the torch model, so the demo and EfficientNet rows are not applicable. " + prune_note,
-            ],
-        ),
+        "prune": prune.TABLE,
         "lowrank": Table(
             "lowrank",
             "Low-rank factorisation: peers vs ours",
@@ -350,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow", action="store_true", help="add efficientnet_lite0, resnet50_224 and scale.md")
     parser.add_argument("--models", nargs="+", help="zoo names (default: the cached default set)")
     parser.add_argument("--only", choices=["int8", "prune", "lowrank", "scale", "rounding"])
-    parser.add_argument("--finetune", action="store_true", help="add a pruning row with 1 epoch of fine-tuning")
     parser.add_argument("--runs", type=int, default=None, help="least latency runs per model (default 20, --fast 10)")
     args = parser.parse_args(argv)
     runs = args.runs or (10 if args.fast else 20)
@@ -361,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if selected:
         models, skipped = load_models(names)
         for key in selected:
-            table = tables(args.finetune)[key]
+            table = tables()[key]
             write_results(table, run_rows(models, table.recipes, runs, eval_limit, args.slow), skipped)
     if args.only == "scale" or (args.only is None and args.slow):
         run_scale(runs)

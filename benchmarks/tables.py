@@ -39,6 +39,7 @@ COLUMNS: dict[str, tuple[str, Callable[[Row], str]]] = {
     "params_fraction": ("params kept", lambda r: _pct(r.params_fraction, 1)),
     "speedup_b1": ("speed-up b1", lambda r: _num(r.speedup(1), ".2f", "×")),
     "speedup_b8": ("speed-up b8", lambda r: _num(r.speedup(8), ".2f", "×")),
+    "speedup_b64": ("speed-up b64", lambda r: _num(r.speedup(64), ".2f", "×")),
     "speedup_spinning": ("speed-up b1, spinning on", lambda r: _num(r.speedup_spinning, ".2f", "×")),
     "wall": ("wall s", lambda r: _num(r.wall_s, ".1f")),
     "rss": ("peak RSS MB", lambda r: _num(r.peak_rss_mb, ".0f")),

@@ -241,7 +241,7 @@ class _Propagation:
             return self._transpose(node)
         if op in ("Reshape", "Flatten"):
             return self._reshape(node)
-        if op in REDUCTIONS or op in ("Softmax", "LogSoftmax", "Pad", "Squeeze", "Unsqueeze"):
+        if op in REDUCTIONS or op in ("Softmax", "LogSoftmax", "Pad", "Squeeze", "Unsqueeze", "Resize", "Slice"):
             return self._axis_op(node)
         return "not understood by the pruning analysis"
 
@@ -474,6 +474,17 @@ class _Propagation:
                 return "its pads are not constants over every axis"
             if any(pads[a] or pads[a + rank] for a in span):
                 return "pads the channel axis"
+        elif op == "Resize":
+            scales = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            if (len(node.inputs) > 3 and node.inputs[3] is not None) or scales is None or len(scales) != rank:
+                return "resizes to given sizes (or its scales are not constants)"
+            if any(scales[a] != 1 for a in span):
+                return "resizes the channel axis"
+        elif op == "Slice":
+            if _sliced_axes(node, rank) is None:
+                return "its axes are not constants"
+            if _sliced_axes(node, rank) & span:
+                return "slices the channel axis"
         else:
             axes = _axes(node)
             if axes is None:
@@ -519,6 +530,20 @@ def _axes(node: ir.Node) -> list[int] | None:
         axes = _const(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.ravel()]
     return _ints(node, "axes")
+
+
+def _sliced_axes(node: ir.Node, rank: int) -> set[int] | None:
+    """The axes a Slice cuts (attribute form before opset 10, inputs after); None when not constant."""
+    if len(node.inputs) == 1:
+        starts = _ints(node, "starts") or []
+        axes = _ints(node, "axes") or list(range(len(starts)))
+    elif len(node.inputs) > 3 and node.inputs[3] is not None:
+        given = _const(node.inputs[3])
+        axes = None if given is None else given.tolist()
+    else:
+        starts = _const(node.inputs[1])
+        axes = None if starts is None else list(range(len(starts)))
+    return None if axes is None else {a % rank for a in axes}
 
 
 def _split_sizes(node: ir.Node, length: int) -> list[int] | None:
