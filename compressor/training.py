@@ -17,11 +17,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from compressor import runtime
+from compressor.data import Samples
 from compressor.errors import DataError
 from compressor.torch_bridge import TorchBridge
 
@@ -135,6 +138,20 @@ def _top1(bridge: TorchBridge, inputs: torch.Tensor, labels: torch.Tensor, rows:
         for chunk in torch.from_numpy(rows).split(batch * 4):
             correct += int((bridge(inputs[chunk])[0].argmax(dim=1) == labels[chunk]).sum())
     return correct / len(rows)
+
+
+def read_arrays(samples: Samples, input_name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``limit`` samples (all: None) of a one-input data set as arrays: inputs, and labels if it has them."""
+    batches = list(samples.batches(256, limit=limit))
+    x = np.concatenate([batch.feeds[input_name] for batch in batches])
+    labels = [batch.labels for batch in batches]
+    return x, np.concatenate(labels) if samples.has_labels else None
+
+
+def model_logits(model: ir.Model | onnx.ModelProto, input_name: str, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The model's first output on ``x``, by onnxruntime, in batches."""
+    session = runtime.make_session(model)
+    return np.concatenate([session.run(None, {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def first_output_classes(model: ir.Model) -> int | None:

@@ -206,7 +206,7 @@ def test_bad_calibration_values_stop_int8_before_any_output(
         case("int4", "--target int4", "unknown target"),
         case("int8-without-calibration", "--target int8", "--calib"),
         case("int16", "--target int16", "not implemented"),
-        case("prune-lrp", "--prune 0.5 --prune-method lrp", "not implemented"),
+        case("prune-lrp-without-data", "--prune 0.5 --prune-method lrp", "needs reference data"),
         case("lowrank", "--lowrank 0.5", "not implemented"),
         case("tune", "--tune 10", "not implemented"),
         case("unknown-flag", "--bogus-flag", "--bogus-flag"),

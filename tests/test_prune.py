@@ -92,8 +92,8 @@ def test_shape_computed_channel_shuffle_is_blocked_not_broken(exports: dict[str,
 def test_config_refuses_impossible_settings() -> None:
     with pytest.raises(ConfigError, match="between 0 and 1"):
         PruneConfig(fraction=0.0)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        PruneConfig(method="lrp")
+    with pytest.raises(ConfigError, match="unknown prune method 'slimming'"):
+        PruneConfig(method="slimming")
     with pytest.raises(ConfigError, match="round_to"):
         PruneConfig(round_to=0)
 
@@ -147,7 +147,8 @@ def test_recipe_orders_prune_before_quantization() -> None:
     [
         (["--prune", "1.5"], "between 0 and 1"),
         (["--prune", "0"], "between 0 and 1"),
-        (["--prune", "0.5", "--prune-method", "masksparsity"], "not implemented yet"),
+        (["--prune", "0.5", "--prune-method", "masksparsity"], "MaskSparsity trains the model: pass --train"),
+        (["--prune", "0.5", "--prune-method", "lrp"], "LRP pruning needs reference data"),
         (["--prune-round-to", "4"], "need --prune"),
     ],
 )

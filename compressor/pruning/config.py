@@ -7,15 +7,20 @@ from dataclasses import dataclass
 from compressor.config import tunable
 from compressor.errors import ConfigError
 
-PRUNE_METHODS = ("l1",)
-PLANNED_METHODS = ("lrp", "masksparsity")
+PRUNE_METHODS = ("l1", "lrp", "masksparsity")
+PLANNED_METHODS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Structured channel pruning: remove ``fraction`` of the model's MACs, whole channels at a time.
 
-    ``method`` scores the channels (``l1``: filter magnitude). Each group of coupled
+    ``method`` scores the channels: ``l1`` (filter magnitude, no data), ``lrp`` (relevance
+    of each channel to the true class, or the predicted one, on ``lrp_samples`` of the
+    training or calibration data) or ``masksparsity`` (a sparse-training mask, then
+    training with the penalty on the masked channels only, ``sparse_epochs``; needs
+    ``--train``). ``steps`` > 1 removes the fraction in that many rounds, scoring again
+    in between (not MaskSparsity). Each group of coupled
     layers keeps at least ``min_keep`` of its channels, in multiples of ``round_to``.
     With data (calibration or training), ``compensate`` moves each removed channel's
     mean into the next layer's bias. With training data (``--train``), the pruned
@@ -27,6 +32,9 @@ class PruneConfig:
     method: str = tunable("l1", PRUNE_METHODS)
     round_to: int = tunable(8, (1, 4, 8, 16))
     min_keep: float = 0.1
+    steps: int = tunable(1, (1, 2, 4))
+    lrp_samples: int = tunable(256, (100, 256, 1024))
+    sparse_epochs: int = tunable(2, (1, 2, 4))
     compensate: bool = tunable(True, (False, True))
     epochs: int = tunable(3, (1, 3, 5))
     lr: float = tunable(1e-3, (3e-4, 1e-3, 3e-3))
@@ -45,6 +53,8 @@ class PruneConfig:
             raise ConfigError(f"prune round_to must be >= 1, got {self.round_to}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("prune epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if self.steps < 1 or self.lrp_samples < 1 or self.sparse_epochs < 1:
+            raise ConfigError("prune steps, lrp_samples and sparse_epochs must be >= 1")
         if self.train_samples is not None and self.train_samples < 1:
             raise ConfigError(f"prune train_samples must be >= 1, got {self.train_samples}")
         if not 0.0 < self.min_keep <= 1.0:
