@@ -31,6 +31,7 @@ from compressor.pruning.channels import ChannelGraph, analyze
 from compressor.pruning.compensation import compensate_means
 from compressor.pruning.config import PruneConfig
 from compressor.pruning.lrp import lrp_scores
+from compressor.pruning.masksparsity import MaskSparsitySettings, masksparsity
 from compressor.pruning.selection import Choice, MacsModel, choose, l1_scores
 from compressor.pruning.surgery import remove_channels
 from compressor.training import (
@@ -127,8 +128,6 @@ class PruneChannels(Pass):
                 return removal(lrp_scores(model, analysis, x, y))
         if context.train is None or teacher is None:
             raise MissingContextError("MaskSparsity trains the model: pass --train DATA.npz (with labels 'y')")
-        from compressor.pruning.masksparsity import MaskSparsitySettings, masksparsity  # lands with its tests
-
         x, y, soft = _training_arrays(model, teacher, context, self.config)
         settings = MaskSparsitySettings(
             mask_epochs=1, epochs=self.config.sparse_epochs, lr=self.config.lr, batch_size=self.config.batch_size,

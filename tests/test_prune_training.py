@@ -127,3 +127,14 @@ def test_lrp_prunes_better_than_l1_without_training(train_npz: Path) -> None:
         assert record["macs_removed"] >= 0.3
         tops[method] = demo_top1(result.model)
     assert tops["lrp"] > tops["l1"] + 0.2, tops
+
+
+def test_masksparsity_through_the_pass(train_npz: Path) -> None:
+    result = compress(DEMO / "demo.onnx", prune={"fraction": 0.5, "method": "masksparsity", "epochs": 1,
+                      "sparse_epochs": 1}, train=train_npz, progress=False, measure_latency=False,
+                      measure_fidelity=False)  # fmt: skip
+    record = next(p for p in result.report.passes if p["name"] == "prune_channels")
+    assert record["macs_removed"] >= 0.5 and len(record["fine_tuning"]) == 1
+    assert record["masksparsity"]["gamma_masked_mean"] < 0.5 * record["masksparsity"]["gamma_kept_mean"]
+    assert demo_top1(result.model) > 0.8
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)

@@ -36,6 +36,8 @@ class PruneStage(Stage):
         record["blocked"] = self.prune.blocked
         record["compensated"] = self.prune.compensated
         record["fine_tuning"] = [epoch.as_dict() for epoch in self.prune.training]
+        if self.prune.sparsity:
+            record["masksparsity"] = self.prune.sparsity
         removed = f"pruning ({self.config.method}) removed {choice.fraction_removed:.1%} of the MACs"
         if self.prune.training:
             best = max(self.prune.training, key=lambda e: e.holdout_top1)
