@@ -224,3 +224,27 @@ def test_removing_nothing_and_blocked_classes() -> None:
     removed[next(iter(analysis.blocked))] = True
     with pytest.raises(ValueError, match="blocked"):
         remove_channels(model.graph, analysis, removed)
+
+
+def test_a_tensor_read_inside_a_subgraph_is_blocked() -> None:
+    """An If body reads conv a's output from the outer scope: a's channels must stay."""
+    branch = [
+        helper.make_graph(
+            [helper.make_node("Relu" if which else "Sigmoid", ["ya"], [f"out_{which}"])],
+            f"branch_{which}",
+            [],
+            [helper.make_tensor_value_info(f"out_{which}", onnx.TensorProto.FLOAT, None)],
+        )
+        for which in (0, 1)
+    ]
+    flag = onnx.numpy_helper.from_array(np.array(True), "flag")
+    nodes = [
+        conv("a", "input", "wa", "ya"),
+        helper.make_node("If", ["flag"], ["picked"], then_branch=branch[1], else_branch=branch[0]),
+        conv("b", "picked", "wb", "output"),
+    ]
+    inits = [*conv_weights("wa", 8, 3), *conv_weights("wb", 4, 8), flag]
+    model = ir.from_proto(float_model("if", nodes, inits, ([2, 3, 8, 8], [2, 4, 8, 8])))
+    analysis = analyze(model.graph)
+    reasons = {analysis.blocked.get(c) for c in classes_with(analysis, "a")}
+    assert len(reasons) == 1 and "subgraph reads 'ya'" in reasons.pop()

@@ -196,6 +196,10 @@ class _Propagation:
                 self._block_all(mapped, f"{node.op_type} {node.name!r}: {reason}")
                 for output in node.outputs:
                     self.maps.pop(output, None)
+        for value, channel_map in self.maps.items():  # read inside an If/Loop/Scan body: not ours to change
+            inner = next((use.node for use in value.uses() if use.node.graph is not self.graph), None)
+            if inner is not None:
+                self._block(channel_map.ids, f"{inner.op_type} {inner.name!r} in a subgraph reads {value.name!r}")
         for output in self.graph.outputs:
             if output in self.maps:
                 self._block(self.maps[output].ids, f"model output {output.name!r} keeps all its channels")
