@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -30,19 +30,14 @@ from compressor.pipeline import Pass, PassContext, Tolerance
 from compressor.pruning.channels import ChannelGraph, analyze
 from compressor.pruning.compensation import compensate_means
 from compressor.pruning.config import PruneConfig
-from compressor.pruning.lrp import lrp_scores
-from compressor.pruning.masksparsity import MaskSparsitySettings, masksparsity
 from compressor.pruning.selection import Choice, MacsModel, choose, l1_scores
 from compressor.pruning.surgery import remove_channels
-from compressor.training import (
-    EpochRecord,
-    TrainSettings,
-    check_labels,
-    fine_tune,
-    first_output_classes,
-    model_logits,
-    read_arrays,
-)
+
+if TYPE_CHECKING:
+    from compressor.training import EpochRecord
+
+# LRP, MaskSparsity and fine-tuning run on torch, imported only when they run: importing torch costs
+# about 190 MB of RSS and a second, and the int8 path (which imports this module) never needs it.
 
 COMPENSATION_SAMPLES = 256  # enough for per-channel means
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -119,7 +114,11 @@ class PruneChannels(Pass):
         if method == "l1":
             return removal(l1_scores(analysis))
         name = model.graph.inputs[0].name
+        from compressor.training import read_arrays
+
         if method == "lrp":
+            from compressor.pruning.lrp import lrp_scores
+
             data = context.train if context.train is not None else context.calibration
             if data is None:
                 raise MissingContextError("LRP pruning needs reference data: pass --calib DATA.npz or --train DATA.npz")
@@ -128,6 +127,8 @@ class PruneChannels(Pass):
                 return removal(lrp_scores(model, analysis, x, y))
         if context.train is None or teacher is None:
             raise MissingContextError("MaskSparsity trains the model: pass --train DATA.npz (with labels 'y')")
+        from compressor.pruning.masksparsity import MaskSparsitySettings, masksparsity
+
         x, y, soft = _training_arrays(model, teacher, context, self.config)
         settings = MaskSparsitySettings(
             mask_epochs=1, epochs=self.config.sparse_epochs, lr=self.config.lr, batch_size=self.config.batch_size,
@@ -162,6 +163,8 @@ def _training_arrays(
     model: ir.Model, teacher: onnx.ModelProto, context: PassContext, config: PruneConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training set as arrays (inputs, labels) and the original model's logits on it, checked."""
+    from compressor.training import check_labels, first_output_classes, model_logits, read_arrays
+
     train = context.train
     assert train is not None
     if not train.has_labels:
@@ -183,6 +186,8 @@ def _fine_tune(
     model: ir.Model, teacher: onnx.ModelProto, context: PassContext, config: PruneConfig
 ) -> list[EpochRecord]:
     """Fine-tune the pruned ``model`` on the context's training set, distilled from ``teacher``."""
+    from compressor.training import TrainSettings, fine_tune
+
     x, y, soft = _training_arrays(model, teacher, context, config)
     settings = TrainSettings(config.epochs, config.lr, config.batch_size, distill=config.distill)
     with stage("fine-tuning", f" on {len(x)} samples", context, announce=False):

@@ -7,6 +7,8 @@ torch exporters; the zoo's trained models are measured in `benchmarks/prune.py`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +172,14 @@ def test_cli_on_a_model_with_nothing_prunable(tmp_path: Path, capsys: pytest.Cap
     path = tmp_path / "relu.onnx"
     onnx.save(proto, path)
     assert_refused([path, "--prune", "0.5", "--no-latency"], "nothing in this model can be pruned", tmp_path, capsys)
+
+
+def test_torch_is_imported_only_for_training_based_pruning() -> None:
+    """torch costs about 190 MB at import: the int8 path and L1 pruning must not pay it."""
+    script = (
+        "import sys; from compressor import compress; "
+        f"compress({str(DEMO / 'demo.onnx')!r}, 'int8', prune={{'fraction': 0.3}}, calib={str(DEMO / 'demo.npz')!r}, "
+        "progress=False, measure_latency=False, latency_guard=False); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
