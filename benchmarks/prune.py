@@ -1,6 +1,6 @@
 """results/prune.md: our structured pruning on ONNX beside Torch-Pruning on the same torch models.
 
-    python -m benchmarks.run --only prune
+    python -m benchmarks.run --only prune [--models resnet mobilenetv2]
 
 Ours takes the zoo's ONNX file (`compressor.compress(prune=...)`), with the zoo's calibration set
 (mean compensation) and, in the fine-tuned rows, the Fashion-MNIST training split (`--train`).
@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import peers
 from benchmarks.harness import Method
-from benchmarks.run import FMNIST, Table, load_models, run_rows, write_results
+from benchmarks.run import Table
 from benchmarks.zoo import CACHE, ZooModel
 
 FRACTIONS = (0.3, 0.5, 0.7)
@@ -141,8 +141,3 @@ TABLE = Table(
     ],
 )
 
-
-def run(runs: int, names: tuple[str, ...] = FMNIST) -> None:
-    """Measure `PRUNE` on ``names`` and write results/prune.md."""
-    models, skipped = load_models(list(names))
-    write_results(TABLE, run_rows(models, PRUNE, runs, None), skipped)
