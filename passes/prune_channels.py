@@ -73,7 +73,8 @@ class PruneChannels(Pass):
         context, config = PassContext.current(), self.config
         self.choices, self.compensated, self.training = [], [], []
         before = _widths(model.graph)
-        teacher = to_proto(model) if context.train is not None and (config.epochs or _trains(config)) else None
+        trains = config.epochs > 0 or config.method == "masksparsity"
+        teacher = to_proto(model) if context.train is not None and trains else None  # the original
         steps = 1 if config.method == "masksparsity" else config.steps
         changed = False
         for step in range(1, steps + 1):
@@ -153,10 +154,6 @@ def _lowest(
 ) -> np.ndarray:
     """The lowest-``scores`` classes whose removal takes ``fraction`` of the MACs (`choose`)."""
     return choose(analysis, scores, cost, fixed, fraction, config.round_to, config.min_keep).removed
-
-
-def _trains(config: PruneConfig) -> bool:
-    return config.method == "masksparsity"
 
 
 def _training_arrays(
