@@ -140,6 +140,14 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, names: Unique
     return value
 
 
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """``value``'s data when it is a constant (an initializer or a Constant's output), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
 def weight_bytes(model: ir.Model) -> int:
     """Total bytes held by the main graph's initializers."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
-from compressor.ir import add_initializer
+from compressor.ir import add_initializer, constant_array
 from compressor.pipeline import Pass
 
 
@@ -58,13 +58,13 @@ class FoldBatchNorm(Pass):
             return "BatchNormalization is in training mode"
         if len(conv.outputs[0].uses()) != 1 or conv.outputs[0].is_graph_output():
             return "Conv output has other users"
-        weight = _constant(conv.inputs[1])
+        weight = constant_array(conv.inputs[1])
         if weight is None:
             return "weight of Conv is not constant"
-        bias = _constant(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
         if len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None:
             return "bias of Conv is not constant"
-        stats = [_constant(v) for v in bn.inputs[1:5]]
+        stats = [constant_array(v) for v in bn.inputs[1:5]]
         if any(s is None for s in stats):
             return "BatchNormalization statistics are not constant"
         gamma, beta, mean, var = (s.astype(np.float64) for s in stats)
@@ -87,10 +87,3 @@ class FoldBatchNorm(Pass):
         )
         ir.convenience.replace_nodes_and_values(graph, bn, [conv, bn], [folded], [bn.outputs[0]], [folded.outputs[0]])
         return None
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes import PassResult
 
-from compressor.ir import add_initializer
+from compressor.ir import add_initializer, constant_array
 from compressor.pipeline import Pass
 
 # Deterministic ops that exporters use to compute constants. Random ops and
@@ -56,12 +56,12 @@ class FoldConstants(Pass):
                 end = node.attributes["end"].as_int() if "end" in node.attributes else None
                 results = [np.array(_static_shape(node.inputs[0])[start:end], dtype=np.int64)]
             elif node.op_type == "CastLike" and node.inputs[1] is not None and node.inputs[1].dtype is not None:
-                value = _constant(node.inputs[0])
+                value = constant_array(node.inputs[0])
                 if value is None:
                     continue
                 results = [value.astype(node.inputs[1].dtype.numpy())]
             else:
-                arrays = [_constant(v) if v is not None else None for v in node.inputs]
+                arrays = [constant_array(v) if v is not None else None for v in node.inputs]
                 missing = any(a is None and v is not None for a, v in zip(arrays, node.inputs, strict=True))
                 if missing:
                     continue
@@ -87,10 +87,6 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
         return None
     return tuple(value.shape)
 
-
-def _constant(value: ir.Value) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opset: int) -> list[np.ndarray]:

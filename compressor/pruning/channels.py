@@ -35,6 +35,8 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
+from compressor.ir import constant_array as _const
+
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Ops that act on every element alone: the channel map passes through unchanged.
 UNARY = frozenset(
@@ -503,13 +505,6 @@ class _Propagation:
                 axis -= sum(a < axis for a in axes)
         self.maps[out] = ChannelMap(axis, channel_map.ids)
         return None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _attr(node: ir.Node, name: str, default: int) -> int:
