@@ -63,7 +63,8 @@ def test_fp32_round_trip(model: CorpusModel) -> None:
 
 
 INT8 = [m for m in CORPUS if not m.no_int8]
-# Known shortfalls, kept visible: issue 19 stays open until these pass.
+# Known shortfalls, kept visible: issue 19 stays open until these pass. Not strict: on some machines (the
+# onnxruntime build, the CPU) magika's margin falls on our side; the 2026-12-04 machine passed it.
 BEHIND_QUANTIZE_STATIC = {"magika_v3_3": "0.9 dB below quantize_static's SQNR on random bytes (54.7 vs 55.6 dB)"}
 
 
@@ -71,7 +72,7 @@ BEHIND_QUANTIZE_STATIC = {"magika_v3_3": "0.9 dB below quantize_static's SQNR on
 @pytest.mark.parametrize(
     "model",
     [
-        pytest.param(m, marks=pytest.mark.xfail(reason=BEHIND_QUANTIZE_STATIC[m.name], strict=True))
+        pytest.param(m, marks=pytest.mark.xfail(reason=BEHIND_QUANTIZE_STATIC[m.name], strict=False))
         if m.name in BEHIND_QUANTIZE_STATIC
         else m
         for m in INT8
