@@ -36,6 +36,8 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.ir import constant_array as _const
+from compressor.pruning.node_facts import attr, dims, ints, opset, reshaped, same_dim, sliced_axes, split_sizes
+from compressor.pruning.node_facts import axes as axes_of
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Ops that act on every element alone: the channel map passes through unchanged.
@@ -181,7 +183,7 @@ class _Propagation:
         self.known: dict[ir.Value, list[int | str]] = {}  # dims the analysis worked out where inference did not
 
     def _dims(self, value: ir.Value) -> list[int | str] | None:
-        return self.known.get(value) or _dims(value)
+        return self.known.get(value) or dims(value)
 
     def _rank(self, value: ir.Value) -> int | None:
         dims = self._dims(value)
@@ -261,9 +263,9 @@ class _Propagation:
         if node.op_type == "Conv":
             return self._conv(node, weight)
         if node.op_type == "Gemm":
-            if _attr(node, "transA", 0) or weight.ndim != 2:
+            if attr(node, "transA", 0) or weight.ndim != 2:
                 return "Gemm with transA is not pruned"
-            outputs = weight.shape[0] if _attr(node, "transB", 0) else weight.shape[1]
+            outputs = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
         else:
             if weight.ndim != 2:
                 return "MatMul with a weight that is not 2-D"
@@ -281,7 +283,7 @@ class _Propagation:
         return channel_map.ids.ndim == 1 and rank is not None and channel_map.axis == rank - 1
 
     def _conv(self, node: ir.Node, weight: np.ndarray) -> str | None:
-        x, group = node.inputs[0], _attr(node, "group", 1)
+        x, group = node.inputs[0], attr(node, "group", 1)
         if x in self.maps and (self.maps[x].axis != 1 or self.maps[x].ids.ndim != 1):
             return "its input's channels are not on axis 1"
         out = node.outputs[0]
@@ -362,7 +364,7 @@ class _Propagation:
         rank = self._rank(node.outputs[0])
         if rank is None:
             return "output rank unknown"
-        axis = _attr(node, "axis", 0) % rank
+        axis = attr(node, "axis", 0) % rank
         maps = [self.maps.get(v) for v in node.inputs]
         along = [m for m in maps if m is not None and m.axis <= axis < m.axis + m.ids.ndim]
         if not along:  # concatenated along another axis: the inputs' channels line up
@@ -393,12 +395,12 @@ class _Propagation:
         channel_map, rank = self.maps[x], self._rank(x)
         if rank is None or channel_map.ids.ndim != 1:
             return "input rank unknown"
-        axis = _attr(node, "axis", 0) % rank
+        axis = attr(node, "axis", 0) % rank
         if axis != channel_map.axis:
             for output in node.outputs:
                 self.maps[output] = channel_map
             return None
-        sizes = _split_sizes(node, channel_map.length)
+        sizes = split_sizes(node, channel_map.length)
         if sizes is None:
             return "its split sizes are not constants"
         bounds = np.cumsum([0, *sizes])
@@ -409,7 +411,7 @@ class _Propagation:
     def _transpose(self, node: ir.Node) -> str | None:
         x = node.inputs[0]
         channel_map = self.maps[x]
-        perm = _ints(node, "perm") or list(range(self._rank(x) or 0))[::-1]
+        perm = ints(node, "perm") or list(range(self._rank(x) or 0))[::-1]
         if not perm:
             return "input rank unknown"
         dims = self._dims(x)
@@ -428,18 +430,18 @@ class _Propagation:
     def _reshape(self, node: ir.Node) -> str | None:
         x, out = node.inputs[0], node.outputs[0]
         channel_map, dims = self.maps[x], self._dims(x)
-        out_dims = None if dims is None else _reshaped(node, dims)
+        out_dims = None if dims is None else reshaped(node, dims)
         if out_dims is None:
             return "shapes unknown"
         self.known[out] = out_dims
         axis, width = channel_map.axis, channel_map.ids.ndim
         if len(out_dims) <= axis or not all(
-            _same_dim(a, b) for a, b in zip(dims[:axis], out_dims[:axis], strict=False)
+            same_dim(a, b) for a, b in zip(dims[:axis], out_dims[:axis], strict=False)
         ):
             return "reshapes the axes before the channels"
         if node.op_type == "Reshape" and _const(node.inputs[1]) is None:
             return "its target shape is not a constant"
-        if node.op_type == "Flatten" and _attr(node, "axis", 1) % len(dims) != axis:
+        if node.op_type == "Flatten" and attr(node, "axis", 1) % len(dims) != axis:
             return "flattens at another axis than the channels"
         inner = dims[axis:]
         if not all(isinstance(d, int) for d in inner) or not all(isinstance(d, int) for d in out_dims[axis:]):
@@ -472,10 +474,10 @@ class _Propagation:
         span = set(range(channel_map.axis, channel_map.axis + channel_map.ids.ndim))
         op, axis = node.op_type, channel_map.axis
         if op in ("Softmax", "LogSoftmax"):
-            if _attr(node, "axis", -1 if _opset(node) >= 13 else 1) % rank in span:
+            if attr(node, "axis", -1 if opset(node) >= 13 else 1) % rank in span:
                 return "normalizes across the channels"
         elif op == "Pad":
-            pads = _const(node.inputs[1]) if len(node.inputs) > 1 else np.array(_ints(node, "pads") or [])
+            pads = _const(node.inputs[1]) if len(node.inputs) > 1 else np.array(ints(node, "pads") or [])
             if pads is None or len(pads) != 2 * rank or len(node.inputs) > 3:
                 return "its pads are not constants over every axis"
             if any(pads[a] or pads[a + rank] for a in span):
@@ -487,12 +489,12 @@ class _Propagation:
             if any(scales[a] != 1 for a in span):
                 return "resizes the channel axis"
         elif op == "Slice":
-            if _sliced_axes(node, rank) is None:
+            if sliced_axes(node, rank) is None:
                 return "its axes are not constants"
-            if _sliced_axes(node, rank) & span:
+            if sliced_axes(node, rank) & span:
                 return "slices the channel axis"
         else:
-            axes = _axes(node)
+            axes = axes_of(node)
             if axes is None:
                 return "reduces every axis" if op in REDUCTIONS else "its axes are not constants"
             axes = {a % (out_rank if op == "Unsqueeze" else rank) for a in axes}
@@ -501,109 +503,7 @@ class _Propagation:
                     axis += a <= axis
             elif axes & span:
                 return "reduces or squeezes the channel axis"
-            elif op == "Squeeze" or not _attr(node, "keepdims", 1):
+            elif op == "Squeeze" or not attr(node, "keepdims", 1):
                 axis -= sum(a < axis for a in axes)
         self.maps[out] = ChannelMap(axis, channel_map.ids)
         return None
-
-
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.as_int()
-
-
-def _ints(node: ir.Node, name: str) -> list[int] | None:
-    attribute = node.attributes.get(name)
-    return None if attribute is None else list(attribute.as_ints())
-
-
-def _opset(node: ir.Node) -> int:
-    graph = node.graph
-    imports = graph.opset_imports if graph is not None else {}
-    return imports.get("", imports.get("ai.onnx", 13))
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    """The axes of a Reduce/Squeeze/Unsqueeze node: its attribute, or its constant second input."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = _const(node.inputs[1])
-        return None if axes is None else [int(a) for a in axes.ravel()]
-    return _ints(node, "axes")
-
-
-def _sliced_axes(node: ir.Node, rank: int) -> set[int] | None:
-    """The axes a Slice cuts (attribute form before opset 10, inputs after); None when not constant."""
-    if len(node.inputs) == 1:
-        starts = _ints(node, "starts") or []
-        axes = _ints(node, "axes") or list(range(len(starts)))
-    elif len(node.inputs) > 3 and node.inputs[3] is not None:
-        given = _const(node.inputs[3])
-        axes = None if given is None else given.tolist()
-    else:
-        starts = _const(node.inputs[1])
-        axes = None if starts is None else list(range(len(starts)))
-    return None if axes is None else {a % rank for a in axes}
-
-
-def _split_sizes(node: ir.Node, length: int) -> list[int] | None:
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        sizes = _const(node.inputs[1])
-        return None if sizes is None else [int(s) for s in sizes]
-    given = _ints(node, "split")
-    if given:
-        return given
-    parts = len(node.outputs)
-    if length % parts:
-        return None
-    return [length // parts] * parts
-
-
-def _reshaped(node: ir.Node, dims: list[int | str]) -> list[int | str] | None:
-    """The output dims of a Reshape (constant target) or Flatten of an input of ``dims``; None if unknown."""
-    if node.op_type == "Flatten":
-        axis = _attr(node, "axis", 1) % len(dims)
-        return [_product(dims[:axis]), _product(dims[axis:])]
-    target = _const(node.inputs[1])
-    if target is None:
-        return None
-    allow_zero = _attr(node, "allowzero", 0)
-    out: list[int | str] = [dims[i] if t == 0 and not allow_zero else int(t) for i, t in enumerate(target.tolist())]
-    if -1 in out:
-        known = _product([d for d in out if d != -1])
-        total = _product(dims)
-        if isinstance(total, int) and isinstance(known, int) and known:
-            out[out.index(-1)] = total // known
-        elif total == known or (isinstance(total, str) and isinstance(known, int) and _static(dims) == known):
-            out[out.index(-1)] = next(d for d in dims if isinstance(d, str))  # the one symbolic dim (the batch)
-        else:
-            return None
-    return out
-
-
-def _static(dims: list[int | str]) -> int:
-    return int(np.prod([d for d in dims if isinstance(d, int)]))
-
-
-def _product(dims: list[int | str]) -> int | str:
-    """The product of ``dims``: an int, or a symbolic dim's name when exactly one is symbolic and the rest are 1."""
-    symbolic = [d for d in dims if isinstance(d, str)]
-    if not symbolic:
-        return int(np.prod(dims)) if dims else 1
-    return symbolic[0] if len(symbolic) == 1 and _static(dims) == 1 else "?"
-
-
-def _same_dim(a: int | str, b: int | str) -> bool:
-    """Whether two dims may be the same size (a symbolic one may be anything)."""
-    return a == b or isinstance(a, str) or isinstance(b, str)
-
-
-def _rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
-
-
-def _dims(value: ir.Value) -> list[int | str] | None:
-    """Static dims as ints, symbolic ones as their names (None: shape unknown)."""
-    if value.shape is None:
-        const = _const(value)
-        return None if const is None else list(const.shape)
-    return [d if isinstance(d, int) else str(d) for d in value.shape]

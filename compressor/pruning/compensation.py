@@ -18,7 +18,9 @@ import onnx_ir as ir
 
 from compressor import runtime
 from compressor.ir import UniqueNames, add_initializer, to_proto
-from compressor.pruning.channels import ChannelGraph, _attr, _const
+from compressor.ir import constant_array as _const
+from compressor.pruning.channels import ChannelGraph
+from compressor.pruning.node_facts import attr as _attr
 
 
 def compensate_means(

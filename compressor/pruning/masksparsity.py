@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from compressor.errors import ModelError, UsageError
 from compressor.ir import UniqueNames, add_initializer, to_proto
-from compressor.pruning.channels import ChannelGraph, _attr
+from compressor.pruning.channels import ChannelGraph
+from compressor.pruning.node_facts import attr as _attr
 from compressor.torch_bridge import TorchBridge
 
 __all__ = ["MaskSparsityResult", "MaskSparsitySettings", "masksparsity"]

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from compressor.pruning.channels import ChannelGraph, _attr, _const
+from compressor.ir import constant_array as _const
+from compressor.pruning.channels import ChannelGraph
+from compressor.pruning.node_facts import attr as _attr
 
 
 def l1_scores(analysis: ChannelGraph) -> np.ndarray:

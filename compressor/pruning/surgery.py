@@ -11,7 +11,10 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.ir import UniqueNames, add_initializer
-from compressor.pruning.channels import ELEMENTWISE, PER_CHANNEL_NORMS, ChannelGraph, ChannelMap, _const, _opset, _rank
+from compressor.ir import constant_array as _const
+from compressor.pruning.channels import ELEMENTWISE, PER_CHANNEL_NORMS, ChannelGraph, ChannelMap
+from compressor.pruning.node_facts import opset as _opset
+from compressor.pruning.node_facts import rank as _rank
 
 
 class _Rewrite:
