@@ -26,6 +26,7 @@ examples:
   compress model.onnx --target int8 --calib photos/ --preprocess resize=256,crop=224,mean=0.5,std=0.25
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target int8 --calib calib.npz --rounding adaround   learned weight rounding
+  compress model.onnx --target int16 --calib calib.npz   INT16 dynamic fixed point, half the fp32 size
   compress model.onnx --prune 0.5   remove half the MACs as whole channels (a smaller, faster fp32 model)
   compress model.onnx --prune 0.5 --train train.npz --eval test.npz   pruned, then fine-tuned (3 epochs)
   compress model.onnx --prune 0.5 --target int8 --calib calib.npz   pruned, then quantized
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     parser.add_argument("--demo", action="store_true", help="use the bundled demo model and data")
-    parser.add_argument("--target", help="fp32 (default) or int8 (int16: not implemented yet)")
+    parser.add_argument(
+        "--target", help="fp32 (default), int8, or int16 (dynamic fixed point: int16 mantissas, power-of-two scales)"
+    )
     parser.add_argument("--recipe", metavar="FILE", help="run the job a .toml/.json recipe (or a --report file) holds")
     parser.add_argument(
         "--print-recipe", action="store_true", help="print the recipe the other flags describe (TOML) and exit"
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration",
         choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
-        help="int8 calibration method (default minmax)",
+        help="calibration method (default minmax; int16 takes minmax or percentile)",
     )
     parser.add_argument(
         "--rounding",
@@ -308,6 +311,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         measure_latency=not args.no_latency,
         measure_fidelity=not args.no_fidelity,
         int8=_int8_overrides(args),
+        int16=_int16_overrides(args),
         prune=_prune_settings(args),
     )
 
@@ -331,6 +335,11 @@ def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
     if args.rounding:
         overrides["rounding"] = args.rounding
     return overrides
+
+
+def _int16_overrides(args: argparse.Namespace) -> dict[str, object]:
+    given = {"calibration": args.calibration, "keep_float": frozenset(args.keep_float or ()) or None}
+    return {name: value for name, value in given.items() if value}
 
 
 def _resolve_paths(args: argparse.Namespace, target: str) -> tuple[Path, str | None, str | None, Path, bool]:

@@ -45,7 +45,7 @@ else:  # pragma: no cover - Python 3.10
 
 VERSION = 1
 FORMATS = ("fused", "qdq")
-TARGETS = tuple(dict.fromkeys(("fp32", *(stage.target for stage in STAGES.values()), "int16")))
+TARGETS = tuple(dict.fromkeys(("fp32", *(stage.target for stage in STAGES.values()))))
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,12 @@ class Recipe:
         int8: Mapping[str, object] | None = None,
         explain: bool = False,
         prune: Mapping[str, object] | None = None,
+        int16: Mapping[str, object] | None = None,
     ) -> Recipe:
         """The recipe that `compress`'s keywords (and the CLI's flags) describe.
 
         ``int8`` overrides fields of the int8 stage's config on top of the backend's preferences.
+        ``int16`` does the same for the int16 stage (``target="int16"``).
         ``prune`` (fields of `PruneConfig`, ``fraction`` among them) adds a prune stage first.
         """
         if target not in TARGETS:
@@ -164,8 +166,8 @@ class Recipe:
             stage = STAGES["quantize_int8"]
             given = {**(int8 or {}), **({"explain": True} if explain else {})}
             stages = (*stages, _stage_config(stage, given, settings, "int8"))
-        elif target != "fp32":
-            raise UsageError(f"--target {target}: not implemented yet; use --target fp32 or int8 for now")
+        elif target == "int16":
+            stages = (*stages, _stage_config(STAGES["quantize_int16"], int16 or {}, settings, "int16"))
         measure = MeasureSettings(measure_latency, measure_fidelity)
         return cls(stages, settings, GuardSettings(latency_guard), measure, seed)
 

@@ -205,7 +205,7 @@ def test_bad_calibration_values_stop_int8_before_any_output(
     [
         case("int4", "--target int4", "unknown target"),
         case("int8-without-calibration", "--target int8", "--calib"),
-        case("int16", "--target int16", "not implemented"),
+        case("int16-without-calibration", "--target int16", "--calib"),
         case("prune-lrp-without-data", "--prune 0.5 --prune-method lrp", "needs reference data"),
         case("lowrank", "--lowrank 0.5", "not implemented"),
         case("tune", "--tune 10", "not implemented"),
