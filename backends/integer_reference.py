@@ -100,7 +100,7 @@ class IntegerReference:
                     f"integer reference: while executing {node.op_type} node {node.name or node.output[0]!r}: {exc}"
                 ) from None
             for name, value in zip(node.output, outputs, strict=False):
-                if name in forced and differences is not None:
+                if name in forced and differences is not None and not isinstance(value, Fixed):
                     given = np.asarray(forced[name]).astype(np.int64)
                     differences[name] = int(np.abs(given - np.asarray(value, np.int64)).max(initial=0))
                     value = np.asarray(forced[name])
