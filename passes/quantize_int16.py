@@ -125,11 +125,13 @@ class _Rewrite:
     def _quantize_activation(self, value: ir.Value, exponent: int) -> None:
         scale, zero = self._scale_pair(exponent, "int16")
         name = value.name
-        quantize = ir.Node("", "QuantizeLinear", [value, scale, zero], name=f"{name}_quantize")
+        quantize = ir.Node("", "QuantizeLinear", [value, scale, zero], name=self.names.fresh(f"{name}_quantize"))
         quantize.outputs[0].name = self.names.fresh(f"{name}_int16")
         quantize.outputs[0].dtype = ir.DataType.INT16
         quantize.outputs[0].shape = value.shape
-        dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{name}_dequantize")
+        dequantize = ir.Node(
+            "", "DequantizeLinear", [quantize.outputs[0], scale, zero], name=self.names.fresh(f"{name}_dequantize")
+        )
         result = dequantize.outputs[0]
         result.dtype, result.shape = ir.DataType.FLOAT, value.shape
         for use in list(value.uses()):
@@ -150,7 +152,7 @@ class _Rewrite:
 
     def _quantize_weighted(self, node: ir.Node, input_exponent: int) -> None:
         weight = node.inputs[1]
-        array = weight.const_value.numpy().astype(np.float32)
+        array = constant_array(weight).astype(np.float32)
         axis = _weight_axis(node)
         if id(weight) not in self.weights:
             per = axis if self.config.per_channel else None
@@ -161,7 +163,7 @@ class _Rewrite:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is None:
             return
-        values = bias.const_value.numpy().astype(np.float64).reshape(-1)
+        values = constant_array(bias).astype(np.float64).reshape(-1)
         channels = array.shape[axis]
         accumulator = input_exponent + np.broadcast_to(exponents, (channels,))
         # Where a bias is too large for int32 at the accumulator's exponent, it takes a coarser one.
@@ -186,8 +188,9 @@ class _Rewrite:
         else:
             scale, zero = self._scale_pair(int(exponents), dtype)
         attributes = {"axis": ir.AttrInt64("axis", axis)} if exponents.ndim else {}
-        node = ir.Node("", "DequantizeLinear", [data, scale, zero], attributes=attributes.values(), name=f"{name}_dfp")
-        node.outputs[0].name = self.names.fresh(f"{name}_dfp")
+        output = self.names.fresh(f"{name}_dfp")
+        node = ir.Node("", "DequantizeLinear", [data, scale, zero], attributes=attributes.values(), name=output)
+        node.outputs[0].name = output
         node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(mantissas.shape)
         self.graph.insert_before(next(iter(self.graph)), node)
         return node.outputs[0]

@@ -85,3 +85,23 @@ def test_int8_is_valid_and_at_least_as_close_as_quantize_static(model: CorpusMod
     assert pair.ours_sqnr_db > 20.0
     if pair.ort_sqnr_db is not None:  # where quantize_static fails, ours still has to be valid
         assert pair.ours_sqnr_db >= pair.ort_sqnr_db, f"ours {pair.ours_sqnr_db:.1f} dB, ORT {pair.ort_sqnr_db:.1f} dB"
+
+
+# SQNR of int16 vs fp32 on random inputs; deep OCR/detection nets with heavy-tailed activations sit lowest.
+INT16_MIN_SQNR_DB = 30.0
+
+
+@pytest.mark.parametrize("model", INT8, ids=[m.name for m in INT8])
+def test_int16_is_valid_and_close_to_fp32(model: CorpusModel, tmp_path: Path) -> None:
+    from benchmarks.thirdparty import calibration_file
+    from compressor.metrics import sqnr_db
+
+    result = compress(model.path, "int16", calib=calibration_file(model, tmp_path), measure_latency=False,
+                      measure_fidelity=False, progress=False)  # fmt: skip
+    onnx.checker.check_model(result.lowered, full_check=True)
+    x = feeds(model, seed=1)
+    expected, got = outputs(str(model.path), x), outputs(result.lowered, x)
+    for want, have in zip(expected, got, strict=True):
+        assert want.shape == have.shape and want.dtype == have.dtype
+        if np.issubdtype(want.dtype, np.floating):
+            assert sqnr_db(want.astype(np.float64), have.astype(np.float64)) >= INT16_MIN_SQNR_DB

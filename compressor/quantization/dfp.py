@@ -45,9 +45,10 @@ def exponent_for(max_abs: float | np.ndarray, what: str = "tensor") -> np.ndarra
     # log2 rounding can land one off at exact powers: step to the smallest exponent that holds the value.
     exponent = np.where(magnitude / np.exp2(exponent - 1) <= MANTISSA_MAX, exponent - 1, exponent)
     exponent = np.where(magnitude / np.exp2(exponent) > MANTISSA_MAX, exponent + 1, exponent)
-    if np.any(exponent < EXPONENT_MIN) or np.any(exponent > EXPONENT_MAX):
+    outside = (exponent < EXPONENT_MIN) | (exponent > EXPONENT_MAX)
+    if np.any(outside):
         raise ModelError(
-            f"int16: {what} needs exponent {int(exponent.flat[0])}, outside a float32 scale's "
+            f"int16: {what} needs exponent {int(exponent[outside].flat[0])}, outside a float32 scale's "
             f"[{EXPONENT_MIN}, {EXPONENT_MAX}]; its values are too large or too small to represent"
         )
     return exponent
@@ -56,17 +57,19 @@ def exponent_for(max_abs: float | np.ndarray, what: str = "tensor") -> np.ndarra
 def weight_exponents(weight: np.ndarray, axis: int | None, what: str) -> np.ndarray:
     """One exponent per slice along ``axis`` (None: one for the tensor), from max |w|.
 
-    All-zero slices (pruned channels) take the tensor's exponent; an all-zero tensor takes 0.
+    All-zero slices (pruned channels) take the tensor's exponent; an all-zero tensor takes 0. Slices
+    so small that every mantissa rounds to zero at the finest float32 scale take that scale.
     """
+    finest = MANTISSA_MAX * 2.0**EXPONENT_MIN
     overall = float(np.abs(weight).max()) if weight.size else 0.0
-    if overall == 0.0:
+    if overall < finest:
         return np.zeros(() if axis is None else (weight.shape[axis],), np.int64)
     whole = exponent_for(overall, what)
     if axis is None:
         return whole
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
     per_slice = np.abs(weight).max(axis=reduce) if reduce else np.abs(weight)
-    safe = np.where(per_slice > 0, per_slice, overall)
+    safe = np.where(per_slice > 0, np.maximum(per_slice, finest), overall)
     return exponent_for(safe, what)
 
 

@@ -21,6 +21,9 @@ SAME_EXPONENT_OPS = frozenset(
     {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split", "Identity"}
 )
 INT16_OPS = WEIGHTED_OPS | ARITHMETIC_OPS | SAME_EXPONENT_OPS
+# Ops that build a float tensor from shapes alone: the same values on every input, often all zero,
+# so they have no calibrated range to take an exponent from.
+SHAPE_BUILT_OPS = frozenset({"ConstantOfShape", "Range", "EyeLike"})
 # Inputs read as plain integers or float constants, never as DFP tensors.
 ATTRIBUTE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "Clip": (1, 2)}
 
@@ -74,25 +77,28 @@ def why_float(node: ir.Node, config: QuantizeInt16Config) -> str | None:
         return f"{op} has no integer kernel: runs as a float island"
     if any(v.dtype not in (None, ir.DataType.FLOAT) for v in activation_inputs(node)):
         return "input is not float32"
+    built = [v for v in activation_inputs(node) if v.producer() is not None and v.producer().op_type in SHAPE_BUILT_OPS]
+    if built:
+        return f"input {built[0].name!r} is built from shapes at run time ({built[0].producer().op_type})"
     for index in ATTRIBUTE_INPUTS.get(op, ()):
         if len(node.inputs) > index and node.inputs[index] is not None and constant_array(node.inputs[index]) is None:
             return f"input {index} of {op} is not constant"
     attrs = node.attributes
     if op in WEIGHTED_OPS:
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
-        if weight is None or weight.const_value is None:
+        weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None:
             return f"weight of {op} is not constant"
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None and bias.const_value is None:
+        if bias is not None and constant_array(bias) is None:
             return f"bias of {op} is not constant"
-        if op == "MatMul" and len(weight.const_value.shape) != 2:
+        if op == "MatMul" and weight.ndim != 2:
             return "MatMul weight is not 2-D"
         if op == "Gemm":
             if _int(attrs, "transA"):
                 return "Gemm with transA"
             if any(a in attrs and attrs[a].as_float() != 1.0 for a in ("alpha", "beta")):
                 return "Gemm with alpha/beta != 1"
-            if bias is not None and len(bias.const_value.shape) != 1:
+            if bias is not None and constant_array(bias).ndim != 1:
                 return "Gemm bias is not 1-D"
     if op in ("Conv", "MaxPool", "AveragePool") and attrs.get("auto_pad") and attrs["auto_pad"].as_string() != "NOTSET":
         return f"{op} with auto_pad"
