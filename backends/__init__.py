@@ -3,13 +3,14 @@
 from collections.abc import Iterable
 
 from compressor.backends.base import Backend
+from compressor.backends.integer_reference import IntegerReference
 from compressor.backends.onnxruntime_cpu import OnnxruntimeCPU
 from compressor.backends.onnxruntime_cuda import OnnxruntimeCUDA
 from compressor.errors import UsageError
 
 BACKENDS: dict[str, type[Backend]] = {"cpu": OnnxruntimeCPU, "cuda": OnnxruntimeCUDA}
 
-__all__ = ["BACKENDS", "Backend", "OnnxruntimeCPU", "OnnxruntimeCUDA", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "IntegerReference", "OnnxruntimeCPU", "OnnxruntimeCUDA", "get_backend"]
 
 
 def get_backend(name: str, threads: int = 2, qdq: bool = False, gemm_convs: Iterable[str] | None = None) -> Backend:

@@ -63,6 +63,7 @@ def compress(
     int8: Mapping[str, object] | None = None,
     explain: bool | None = None,
     prune: Mapping[str, object] | None = None,
+    int16: Mapping[str, object] | None = None,
 ) -> Result:
     """Compress an ONNX model for a backend and measure it against the original.
 
@@ -73,11 +74,12 @@ def compress(
     latency and SQNR, ``verify``): ``{"x": (1, 3, 640, 640)}``; the model keeps them symbolic.
 
     The job is a `Recipe`: either ``recipe`` (a `Recipe`, or a TOML/JSON file or
-    report) or ``target`` (``fp32``, ``int8``) with the keywords of
+    report) or ``target`` (``fp32``, ``int8``, ``int16``) with the keywords of
     `Recipe.from_options`, which default to cpu, 2 threads, fused int8 operators, seed 0, the
     latency guard and both measurements on. ``int8`` overrides fields of `QuantizeInt8Config` (the
     backend's fast-path choices are the defaults); ``explain`` ranks every layer's int8 sensitivity
-    (``Result.sensitivity``). ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
+    (``Result.sensitivity``). ``int16`` overrides fields of `QuantizeInt16Config` (INT16 dynamic
+    fixed point: int16 QDQ with power-of-two scales, which `IntegerReference` runs in integers). ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
     that fraction of the MACs as whole channels (structured pruning), fine-tuned on ``train`` (an
     ``.npz`` with labels ``y``, or an image folder) when given.
     ``qdq`` keeps the portable QDQ form instead of fused integer operators.
@@ -87,7 +89,7 @@ def compress(
     options = {
         "backend": backend, "threads": threads, "qdq": qdq, "seed": seed, "latency_guard": latency_guard,
         "measure_latency": measure_latency, "measure_fidelity": measure_fidelity, "int8": int8, "explain": explain,
-        "prune": prune,
+        "prune": prune, "int16": int16,
     }  # fmt: skip
     job = _recipe(target, recipe, {name: value for name, value in options.items() if value is not None})
     chosen_backend = job.backend.build()

@@ -121,6 +121,8 @@ class Recipe:
                 raise ConfigError(f"stages[{index}].kind: {kind!r} appears twice; keep one")
             if index and STAGES[kind].rank < STAGES[kinds[index - 1]].rank:
                 raise ConfigError(f"stages[{index}].kind: {kind!r} must come before {kinds[index - 1]!r}")
+        if {"quantize_int8", "quantize_int16"} <= set(kinds):
+            raise ConfigError("stages: quantize_int8 and quantize_int16 both quantize the model; keep one")
         if self.guard.float_islands is not None and not self.stages:
             raise ConfigError("guard.float_islands needs a quantization stage; remove it")
 

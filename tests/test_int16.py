@@ -215,3 +215,12 @@ def test_cli_writes_an_int16_model(tmp_path: Path) -> None:
                  "--no-latency"])  # fmt: skip
     assert code == 0 and out.is_file()
     assert any(t.data_type == TensorProto.INT16 for t in onnx.load(out).graph.initializer)
+
+
+def test_the_recipe_that_ran_replays_byte_for_byte(tiny_calib: Path, tmp_path: Path) -> None:
+    first = int16(tiny_conv_net(), tiny_calib, int16={"per_channel": False})
+    path = tmp_path / "recipe.toml"
+    first.recipe.save(path)
+    again = compressor.compress(tiny_conv_net(), recipe=path, calib=tiny_calib, progress=False)
+    assert again.recipe.stages == first.recipe.stages
+    assert again.lowered.SerializeToString() == first.lowered.SerializeToString()

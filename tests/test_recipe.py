@@ -106,6 +106,8 @@ def test_every_tunable_field_has_a_domain_of_valid_values() -> None:
         ({"stages": [{"kind": "lowrank"}]}, "not implemented yet"),
         ({"stages": [{"kind": "prune", "fraction": 1.0}]}, "between 0 and 1"),
         ({"stages": [{"kind": "quantize_int8"}, {"kind": "quantize_int8"}]}, "stages[1].kind"),
+        ({"stages": [{"kind": "quantize_int8"}, {"kind": "quantize_int16"}]}, "keep one"),
+        ({"stages": [{"kind": "quantize_int16", "calibration": "entropy"}]}, "calibration='entropy'"),
         ({"stages": {"kind": "quantize_int8"}}, "stages: expected a list"),
     ],
 )
