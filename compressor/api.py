@@ -79,7 +79,8 @@ def compress(
     latency guard and both measurements on. ``int8`` overrides fields of `QuantizeInt8Config` (the
     backend's fast-path choices are the defaults); ``explain`` ranks every layer's int8 sensitivity
     (``Result.sensitivity``). ``int16`` overrides fields of `QuantizeInt16Config` (INT16 dynamic
-    fixed point: int16 QDQ with power-of-two scales, which `IntegerReference` runs in integers). ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
+    fixed point: int16 QDQ with power-of-two scales, which `IntegerReference` runs in integers).
+    ``prune`` (fields of `PruneConfig`: ``{"fraction": 0.5}``) first removes
     that fraction of the MACs as whole channels (structured pruning), fine-tuned on ``train`` (an
     ``.npz`` with labels ``y``, or an image folder) when given.
     ``qdq`` keeps the portable QDQ form instead of fused integer operators.
