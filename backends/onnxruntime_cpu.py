@@ -83,6 +83,8 @@ class OnnxruntimeCPU(Backend):
 
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         self.rewrites = {}
+        if not self.qdq and _is_int16(model):
+            return compact(to_proto(model))  # INT16 DFP runs as its QDQ form, trimmed
         if self._keeps_form(model):
             return to_proto(model)
         working = model.clone()  # shares the tensors: the rewrites replace initializers, never write into them
@@ -100,9 +102,12 @@ class OnnxruntimeCPU(Backend):
         return compacted
 
     def _keeps_form(self, model: ir.Model) -> bool:
-        dequantized = [node.inputs[0].dtype for node in model.graph if node.op_type == "DequantizeLinear"]
-        # INT16 DFP runs as its QDQ form: onnxruntime has no int16 integer kernels to fuse into.
-        return self.qdq or not dequantized or ir.DataType.INT16 in dequantized
+        return self.qdq or _is_int16(model) or not any(node.op_type == "DequantizeLinear" for node in model.graph)
+
+
+def _is_int16(model: ir.Model) -> bool:
+    """Whether ``model`` is INT16 DFP: onnxruntime has no int16 integer kernels to fuse it into."""
+    return any(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT16 for n in model.graph)
 
 
 def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:

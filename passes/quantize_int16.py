@@ -72,7 +72,8 @@ class QuantizeInt16(Pass):
             if name in plan.shared:
                 exponents[name] = exponents[plan.shared[name]]
             else:
-                exponents[name] = int(dfp.exponent_for(magnitudes[name], f"tensor {name!r}"))
+                exponent = dfp.exponent_for(magnitudes[name], f"tensor {name!r}") + self.config.headroom_bits
+                exponents[name] = int(exponent)
         self.exponents = exponents
         _Rewrite(model.graph, self.config, exponents).apply(plan)
         RemoveUnusedNodesPass()(model)  # drops the float weights the int16 ones replaced
@@ -184,12 +185,12 @@ class _Rewrite:
         exponents = np.asarray(exponents)
         if exponents.ndim:
             scale = add_initializer(self.graph, f"{name}_scale", np.exp2(exponents).astype(np.float32), self.names)
-            zero = add_initializer(self.graph, f"{name}_zero_point", np.zeros(exponents.shape, dtype), self.names)
         else:
-            scale, zero = self._scale_pair(int(exponents), dtype)
+            scale, _ = self._scale_pair(int(exponents), dtype)
         attributes = {"axis": ir.AttrInt64("axis", axis)} if exponents.ndim else {}
         output = self.names.fresh(f"{name}_dfp")
-        node = ir.Node("", "DequantizeLinear", [data, scale, zero], attributes=attributes.values(), name=output)
+        # No zero point: DequantizeLinear's default is 0, and per-channel zeros would cost 2-4 bytes a channel.
+        node = ir.Node("", "DequantizeLinear", [data, scale], attributes=attributes.values(), name=output)
         node.outputs[0].name = output
         node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(mantissas.shape)
         self.graph.insert_before(next(iter(self.graph)), node)
