@@ -83,7 +83,7 @@ class OnnxruntimeCPU(Backend):
 
     def lower(self, model: ir.Model) -> onnx.ModelProto:
         self.rewrites = {}
-        if not self.qdq and _is_int16(model):
+        if not self.qdq and _is_int16_only(model):
             return compact(to_proto(model))  # INT16 DFP runs as its QDQ form, trimmed
         if self._keeps_form(model):
             return to_proto(model)
@@ -102,12 +102,13 @@ class OnnxruntimeCPU(Backend):
         return compacted
 
     def _keeps_form(self, model: ir.Model) -> bool:
-        return self.qdq or _is_int16(model) or not any(node.op_type == "DequantizeLinear" for node in model.graph)
+        return self.qdq or _is_int16_only(model) or not any(n.op_type == "DequantizeLinear" for n in model.graph)
 
 
-def _is_int16(model: ir.Model) -> bool:
-    """Whether ``model`` is INT16 DFP: onnxruntime has no int16 integer kernels to fuse it into."""
-    return any(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT16 for n in model.graph)
+def _is_int16_only(model: ir.Model) -> bool:
+    """Whether ``model`` is INT16 DFP with no int8 in it: onnxruntime has no int16 integer kernels to fuse into."""
+    dequantized = {n.inputs[0].dtype for n in model.graph if n.op_type == "DequantizeLinear"}
+    return ir.DataType.INT16 in dequantized and not dequantized & {ir.DataType.INT8, ir.DataType.UINT8}
 
 
 def _profile_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:

@@ -82,6 +82,8 @@ def match(node: ir.Node, activation_inputs: list[int]) -> Match:
         activation, consumer = consumer, _sole_consumer(consumer.outputs[0])
     if consumer.op_type != "QuantizeLinear":
         raise Rejection("output is not quantized")
+    if consumer.outputs[0].dtype == ir.DataType.INT16:
+        raise Rejection("output is int16 (the int16 fallback's input): no int8 operator writes int16")
     found = Match(node, inputs, activation, consumer)
     if activation is not None:
         _check_activation_absorbed(found)
@@ -302,6 +304,11 @@ def _reads_dequantized(node: ir.Node) -> bool:
                for value in node.inputs)  # fmt: skip
 
 
+def _reads_int16(node: ir.Node) -> bool:
+    return any(value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+               and value.producer().inputs[0].dtype == ir.DataType.INT16 for value in node.inputs)  # fmt: skip
+
+
 def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
     """Rewrite every matching QDQ island in place; return node name -> why it stayed in QDQ form.
 
@@ -315,6 +322,8 @@ def lower_to_qlinear(model: ir.Model) -> dict[str, str]:
         rule = RULES.get(node.op_type)
         if rule is None or node.domain not in ("", "ai.onnx") or not _reads_dequantized(node):
             continue  # not in QDQ form: float by the quantizer's choice, or already integer
+        if _reads_int16(node):
+            continue  # INT16 DFP (int8's int16 fallback): onnxruntime has no int16 kernels, it runs as QDQ
         try:
             rule(model.graph, node)
         except Rejection as why:

@@ -62,6 +62,8 @@ def _eligible(conv: ir.Node) -> bool:
     weight = _producer(conv.inputs[1], "DequantizeLinear")
     if quantize is None or weight is None or weight.inputs[0].const_value is None:
         return False
+    if weight.inputs[0].dtype == ir.DataType.INT16:
+        return False  # INT16 DFP (int8's int16 fallback) runs in QDQ form: no integer conv to feed
     if not all(_sole_use(value) for value in (conv.inputs[0], dequantize.inputs[0], conv.inputs[1])):
         return False
     shape = quantize.inputs[0].shape

@@ -27,6 +27,7 @@ examples:
   compress model.onnx --target int8 --calib calib.npz --min-sqnr 0   no layers kept in float
   compress model.onnx --target int8 --calib calib.npz --rounding adaround   learned weight rounding
   compress model.onnx --target int16 --calib calib.npz   INT16 dynamic fixed point, half the fp32 size
+  compress model.onnx --target int8 --calib calib.npz --fallback int16   what int8 breaks in int16, not float
   compress model.onnx --prune 0.5   remove half the MACs as whole channels (a smaller, faster fp32 model)
   compress model.onnx --prune 0.5 --train train.npz --eval test.npz   pruned, then fine-tuned (3 epochs)
   compress model.onnx --prune 0.5 --target int8 --calib calib.npz   pruned, then quantized
@@ -47,8 +48,8 @@ PLANNED_FLAGS = ("lowrank", "tune", "records")
 RECIPE_FLAGS = {
     "target": None, "backend": None, "format": None, "calibration": None, "keep_float": None, "min_sqnr": None,
     "explain": None, "seed": None, "threads": None, "no_latency": False, "no_fidelity": False,
-    "keep_slow_int8": False, "rounding": None, "prune": None, "prune_method": None, "prune_round_to": None,
-    "epochs": None, "lr": None,
+    "keep_slow_int8": False, "rounding": None, "fallback": None, "prune": None, "prune_method": None,
+    "prune_round_to": None, "epochs": None, "lr": None,
 }  # fmt: skip
 EXPLAIN_ROWS = 10
 
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["nearest", "adaround"],
         help="int8 weight rounding: to nearest (default), or learned per layer on the calibration data (AdaRound; "
         "slower to compile, more accurate)",
+    )
+    parser.add_argument(
+        "--fallback",
+        choices=["float", "int16"],
+        help="what the layers int8 breaks run in: float (default), or INT16 dynamic fixed point, so that every "
+        "op stays integer",
     )
     parser.add_argument(
         "--prune",
@@ -279,8 +286,9 @@ def _check_recipe_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if (args.explain is not None or args.min_sqnr is not None or args.rounding) and args.target != "int8":
-        raise UsageError("--explain, --min-sqnr and --rounding apply to --target int8 only")
+    int8_only = args.explain is not None or args.min_sqnr is not None or args.rounding or args.fallback
+    if int8_only and args.target != "int8":
+        raise UsageError("--explain, --min-sqnr, --rounding and --fallback apply to --target int8 only")
     if args.prune is not None and not 0.0 < args.prune < 1.0:
         raise UsageError(f"--prune takes the fraction of MACs to remove, between 0 and 1 (exclusive); got {args.prune}")
     if (args.prune_method or args.prune_round_to is not None or args.train) and args.prune is None:
@@ -334,6 +342,8 @@ def _int8_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["min_sqnr_db"] = args.min_sqnr
     if args.rounding:
         overrides["rounding"] = args.rounding
+    if args.fallback:
+        overrides["fallback"] = args.fallback
     return overrides
 
 

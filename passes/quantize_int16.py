@@ -19,6 +19,8 @@ runs the same graph with integer arithmetic only and is its oracle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
@@ -44,23 +46,29 @@ class QuantizeInt16(Pass):
     needs = frozenset({"calibration"})
     tolerance = Tolerance(max_relative_error=None, min_sqnr_db=50.0)
 
-    def __init__(self, config: QuantizeInt16Config | None = None) -> None:
+    def __init__(
+        self, config: QuantizeInt16Config | None = None, select: Callable[[], frozenset[str]] | None = None
+    ) -> None:
+        """``select``, when given, names the nodes to convert (asked when the pass runs), in a graph that
+        may already be int8 QDQ: the int8 stage's int16 fallback for the nodes int8 left in float."""
         super().__init__()
         self.config = config or QuantizeInt16Config()
+        self.select = select
         self.exponents: dict[str, int] = {}  # activation -> exponent
         self.skipped: dict[str, str] = {}  # node -> why it runs in float
-        self.weights: int = 0  # weight tensors written as int16
+        self.converted: list[str] = []  # nodes now in DFP
 
     def requires(self, model: ir.Model) -> None:
         quantized = sorted({n.op_type for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")})
-        if quantized:
+        if quantized and self.select is None:
             raise ModelError(f"the model is already quantized (it has {', '.join(quantized)}); pass the float model")
         if default_opset(model) < INT16_OPSET:
             raise ModelError(f"int16 QDQ needs opset {INT16_OPSET}; run UpgradeOpset(min_opset={INT16_OPSET}) first")
 
     def call(self, model: ir.Model) -> PassResult:
-        plan = Int16Plan.build(model.graph, self.config)
+        plan = Int16Plan.build(model.graph, self.config, self.select() if self.select is not None else None)
         self.skipped = plan.skipped
+        self.converted = [node.name or node.op_type for node in plan.nodes]
         if not plan.nodes:
             return PassResult(model, False)
         context = PassContext.current()
@@ -99,13 +107,17 @@ class _Rewrite:
     def __init__(self, graph: ir.Graph, config: QuantizeInt16Config, exponents: dict[str, int]) -> None:
         self.graph, self.config, self.exponents = graph, config, exponents
         self.names = UniqueNames(graph)
+        for node in graph:  # node names minted here must not clash with existing ones either (int8's Q/DQ)
+            if node.name:
+                self.names.fresh(node.name)
         self.scales: dict[tuple[int, str], tuple[ir.Value, ir.Value]] = {}
         self.weights: dict[int, tuple[ir.Value, np.ndarray]] = {}
 
     def apply(self, plan: Int16Plan) -> None:
         weighted = [(n, self.exponents[n.inputs[0].name]) for n in plan.nodes if n.op_type in WEIGHTED_OPS]
+        converted = {id(node) for node in plan.nodes}
         for value in plan.tensors.values():
-            self._quantize_activation(value, self.exponents[value.name])
+            self._quantize_activation(value, self.exponents[value.name], converted)
         for node, input_exponent in weighted:
             self._quantize_weighted(node, input_exponent)
         for node in plan.nodes:
@@ -123,7 +135,9 @@ class _Rewrite:
             self.scales[key] = scale, zero
         return self.scales[key]
 
-    def _quantize_activation(self, value: ir.Value, exponent: int) -> None:
+    def _quantize_activation(self, value: ir.Value, exponent: int, converted: set[int]) -> None:
+        """Q/DQ ``value`` at ``2**exponent``. Every reader of a DFP node's output reads the DFP tensor (an int8
+        QuantizeLinear after it requantizes it); another tensor is read through the pair by DFP nodes only."""
         scale, zero = self._scale_pair(exponent, "int16")
         name = value.name
         quantize = ir.Node("", "QuantizeLinear", [value, scale, zero], name=self.names.fresh(f"{name}_quantize"))
@@ -135,17 +149,18 @@ class _Rewrite:
         )
         result = dequantize.outputs[0]
         result.dtype, result.shape = ir.DataType.FLOAT, value.shape
+        producer = value.producer()
+        ours = producer is not None and id(producer) in converted
         for use in list(value.uses()):
-            if use.node is not quantize:
+            if use.node is not quantize and (ours or id(use.node) in converted):
                 use.node.replace_input_with(use.idx, result)
-        if value.is_graph_output():  # the graph output keeps its name and becomes the dequantized tensor
+        if value.is_graph_output() and ours:  # the graph output keeps its name and becomes the dequantized tensor
             index = next(i for i, v in enumerate(self.graph.outputs) if v is value)
             value.name = self.names.fresh(f"{name}_float")
             result.name = name
             self.graph.outputs[index] = result
         else:
             result.name = self.names.fresh(f"{name}_dfp")
-        producer = value.producer()
         if producer is None:
             self.graph.insert_before(next(iter(self.graph)), [quantize, dequantize])
         else:

@@ -225,3 +225,36 @@ def test_the_recipe_that_ran_replays_byte_for_byte(tiny_calib: Path, tmp_path: P
     again = compressor.compress(tiny_conv_net(), recipe=path, calib=tiny_calib, progress=False)
     assert again.recipe.stages == first.recipe.stages
     assert again.lowered.SerializeToString() == first.lowered.SerializeToString()
+
+
+def test_int8_with_the_int16_fallback_keeps_what_int8_breaks_integer(tiny_calib: Path) -> None:
+    model = tiny_conv_net()
+    settings = {"keep_float": ["conv2", "fc"], "min_sqnr_db": None}
+    options = {"calib": tiny_calib, "latency_guard": False, "measure_latency": False, "measure_fidelity": False,
+               "progress": False}  # fmt: skip
+    floated = compressor.compress(model, target="int8", int8=settings, **options)
+    integer = compressor.compress(model, target="int8", int8={**settings, "fallback": "int16"}, **options)
+    assert {"conv2", "fc"} <= set(floated.report.kept_float)
+    assert not {"conv2", "fc"} & set(integer.report.kept_float)
+    record = next(r for r in integer.report.passes if r["name"] == "int16_fallback")
+    assert {"conv2", "fc"} <= set(record["int16"])
+    lowered = integer.lowered
+    onnx.checker.check_model(lowered, full_check=True)
+    ops = {n.op_type for n in lowered.graph.node}
+    assert "QLinearConv" in ops  # the int8 part still runs as fused integer operators
+    inits = {t.name: t for t in lowered.graph.initializer}
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    for node in (n for n in lowered.graph.node if n.op_type in ("Conv", "Gemm")):  # what is left in QDQ form
+        weight = producers[node.input[1]]
+        assert weight.op_type == "DequantizeLinear" and inits[weight.input[0]].data_type == TensorProto.INT16
+    x = {"input": np.load(tiny_calib)["x"][:16]}
+    (expected,) = run_onnx(model, x)
+    assert sqnr_db(expected, run_onnx(lowered, x)[0]) >= sqnr_db(expected, run_onnx(floated.lowered, x)[0]) - 1.0
+
+
+def test_cli_fallback_needs_int8(tmp_path: Path) -> None:
+    from compressor.cli import main
+
+    code = main([str(DEMO / "demo.onnx"), "--target", "int16", "--fallback", "int16", "--calib", str(DEMO / "demo.npz"),
+                 "-o", str(tmp_path / "o.onnx")])  # fmt: skip
+    assert code == 2 and not (tmp_path / "o.onnx").exists()

@@ -42,15 +42,24 @@ class Int16Plan:
         return [name for name in self.tensors if name not in self.shared]
 
     @classmethod
-    def build(cls, graph: ir.Graph, config: QuantizeInt16Config) -> Int16Plan:
-        nodes, skipped = [], {}
+    def build(cls, graph: ir.Graph, config: QuantizeInt16Config, only: frozenset[str] | None = None) -> Int16Plan:
+        """The plan for ``graph``; with ``only``, for those nodes (and the Relu/Clip after them) alone.
+
+        ``only`` is how int8's int16 fallback converts the nodes int8 left in float, in a QDQ graph; the
+        data movement into them and the Relu/Clip after them come along.
+        """
+        nodes, skipped, chosen = [], {}, set()
         for node in graph:
             data = [v for v in node.inputs if v is not None]
             if data and all(v.dtype not in (None, ir.DataType.FLOAT) for v in data):
                 continue  # shape arithmetic on int64 dims: nothing to quantize or report
+            picked = only is None or node.name in only or _activation_after(node, chosen) or _moves_into(node, only)
+            if not picked:
+                continue
             reason = why_float(node, config)
             if reason is None:
                 nodes.append(node)
+                chosen.add(id(node))
             elif _reads_float(node):
                 skipped[node.name or node.op_type] = reason
         tensors: dict[str, ir.Value] = {}
@@ -128,6 +137,18 @@ def constant_inputs(node: ir.Node) -> list[int]:
         i for i, v in enumerate(node.inputs)
         if v is not None and v.dtype == ir.DataType.FLOAT and constant_array(v) is not None
     ]  # fmt: skip
+
+
+def _activation_after(node: ir.Node, chosen: set[int]) -> bool:
+    """A Relu or Clip that reads a chosen node's output (int8 fuses these into the op before them)."""
+    producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    return node.op_type in ("Relu", "Clip") and producer is not None and id(producer) in chosen
+
+
+def _moves_into(node: ir.Node, only: frozenset[str]) -> bool:
+    """Data movement (a Reshape before a Gemm) whose every reader is one of the ``only`` nodes."""
+    uses = [use for output in node.outputs for use in output.uses()]
+    return node.op_type in SAME_EXPONENT_OPS and bool(uses) and all(use.node.name in only for use in uses)
 
 
 def _reads_float(node: ir.Node) -> bool:

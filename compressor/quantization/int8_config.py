@@ -11,6 +11,7 @@ from compressor.quantization.calibration import METHODS as CALIBRATION_METHODS
 ACTIVATION_SCHEMES = ("asymmetric_uint8", "symmetric_int8", "symmetric_uint8")
 WEIGHT_SCHEMES = ("symmetric", "asymmetric")
 ROUNDING_METHODS = ("nearest", "adaround")
+FALLBACKS = ("float", "int16")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class QuantizeInt8Config:
     # (`Backend.dequantizes_weights_at_load`); elsewhere every run would dequantize them again.
     int8_storage: bool = False
     explain: bool = False  # rank every layer's sensitivity for the report, even when no search runs
+    # What the layers int8 leaves in float run in: float, or INT16 dynamic fixed point
+    # (`passes.quantize_int16`), so that the whole model stays integer. With "int16" the latency guard
+    # does not run: it would put int8 islands back in float, and the point is that nothing is float.
+    fallback: str = tunable("float", FALLBACKS)
 
     def __post_init__(self) -> None:
         checks = {
@@ -73,6 +78,7 @@ class QuantizeInt8Config:
             "weights": (self.weights, WEIGHT_SCHEMES),
             "weight_bits": (self.weight_bits, (7, 8)),
             "rounding": (self.rounding, ROUNDING_METHODS),
+            "fallback": (self.fallback, FALLBACKS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

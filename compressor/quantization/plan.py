@@ -86,8 +86,11 @@ class QuantizationPlan:
                 tensors.setdefault(value.name, value)
             output = _fused_output(node)
             consumers = [use.node for use in output.uses()]
-            float_readers = [c for c in consumers if _has_no_int8_form(c, config)]
-            feeds_float_only = node.op_type in COMPUTE_OPS and consumers and len(float_readers) == len(consumers)
+            float_readers = [c for c in consumers if _has_no_int8_form(c, config) or _int16_later(c, config)]
+            # A compute op's output is quantized for float-only readers too (so it runs fused); with the int16
+            # fallback, any op's that feeds nodes the fallback converts.
+            ours = node.op_type in COMPUTE_OPS or any(_int16_later(c, config) for c in consumers)
+            feeds_float_only = ours and consumers and len(float_readers) == len(consumers)
             if any(_consumer_is_quantized(use, quantized) for use in output.uses()) or feeds_float_only:
                 tensors.setdefault(output.name, output)
                 if not output.is_graph_output():  # then the producer can run in int8: see `QuantizationPlan.readers`
@@ -172,6 +175,11 @@ def _constant_clip(node: ir.Node) -> bool:
 
 def _has_no_int8_form(node: ir.Node, config: QuantizeInt8Config) -> bool:
     return node.op_type not in QUANTIZABLE_OPS and node.name not in config.keep_float
+
+
+def _int16_later(node: ir.Node, config: QuantizeInt8Config) -> bool:
+    """A node int8 leaves in float that the int16 fallback converts: it reads int8 tensors, requantized to int16."""
+    return config.fallback == "int16" and node.name in config.keep_float
 
 
 def _consumer_is_quantized(use: ir.Usage, quantized: list[ir.Node]) -> bool:

@@ -46,6 +46,7 @@ from compressor.quantization.params import activation_params, quantize_node_weig
 BROKEN_DB = 10.0  # a layer this bad alone ruins the model: keep it in float whatever it costs
 MIN_GAIN_DB = 0.1  # a float layer that raises the model's SQNR by less is not worth its cost
 MAX_TRIALS = 8  # model evaluations the search may spend after the first
+GROW_BISECTIONS = 4  # with the int16 fallback: trials narrowing how many layers int16 needs
 RANK_SAMPLES = 8  # a layer's output holds thousands of values per sample: a few samples rank it
 # ...and a large input gives each layer hundreds of thousands: ranking sees at most about this many
 # input values, at least `MIN_RANK_SAMPLES` samples (2 images at 224x224). The twin model runs about
@@ -274,9 +275,56 @@ class MixedPrecision:
             again = [r for r in rejected if r.node not in retried]
             retried.update(r.node for r in again)
             queue, rejected = again + queue, []
+        if best < target and config.fallback == "int16":
+            kept, best = self._grow(probe, float_model, config, stats, ranked, kept, best)
         if self.history[-1][0] != tuple(k.node for k in kept):
             self.history.append((tuple(k.node for k in kept), best))
         return {k.node: f"sensitivity: {k.sqnr_db:.1f} dB alone, {k.macs / 1e6:.1f} MMACs" for k in kept}
+
+    def _grow(
+        self,
+        probe: _Probe,
+        float_model: ir.Model,
+        config: QuantizeInt8Config,
+        stats: CalibrationStats,
+        ranked: list[LayerSensitivity],
+        kept: list[LayerSensitivity],
+        best: float,
+    ) -> tuple[list[LayerSensitivity], float]:
+        """With the int16 fallback: the fewest most-sensitive layers in int16 that reach the target.
+
+        Greedy one-layer steps stall where int8's error is spread over many layers (EfficientNet-Lite0:
+        20.6 dB after 6 layers), so whole prefixes of the ranking are tried, k doubling, then bisected.
+        ``max_float_fraction`` does not bound them: nothing is float, and int16 layers stay integer.
+        """
+
+        def trial(count: int) -> float:
+            names = tuple(layer.node for layer in ranked[:count])
+            variant = replace(config, keep_float=config.keep_float | set(names))
+            with stage("mixed-precision trials", f": the {count} most sensitive layers in int16"):
+                sqnr = probe.sqnr_db(_quantized(float_model, variant, stats))
+            self.history.append((names, sqnr))
+            return sqnr
+
+        failing, passing, count = len(kept), None, min(max(2 * len(kept), 2), len(ranked))
+        while count > failing:
+            sqnr = trial(count)
+            if sqnr >= best + MIN_GAIN_DB:
+                kept, best = ranked[:count], sqnr
+            if sqnr >= config.min_sqnr_db:
+                passing = count
+                break
+            failing, count = count, min(2 * count, len(ranked))
+        for _ in range(GROW_BISECTIONS):
+            if passing is None or passing - failing <= 1:
+                break
+            middle = (failing + passing) // 2
+            sqnr = trial(middle)
+            if sqnr >= config.min_sqnr_db:
+                passing, kept, best = middle, ranked[:middle], sqnr
+            else:
+                failing = middle
+        return list(kept), best
 
 
 def format_table(sensitivity: Sequence[LayerSensitivity], limit: int | None = None) -> str:

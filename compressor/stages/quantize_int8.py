@@ -22,9 +22,12 @@ from compressor.errors import ConfigError
 from compressor.instruments import stage
 from compressor.passes.equalize_cross_layer import EqualizeCrossLayer
 from compressor.passes.quantize_int8 import QuantizeInt8
+from compressor.passes.quantize_int16 import INT16_OPSET, QuantizeInt16
 from compressor.passes.store_weights_int8 import StoreWeightsInt8, StoreWeightsInt8Config
+from compressor.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetConfig
 from compressor.pipeline import Pass, PassContext
 from compressor.quantization.int8_config import QuantizeInt8Config
+from compressor.quantization.int16_config import QuantizeInt16Config
 from compressor.quantization.sensitivity import LayerSensitivity, MixedPrecision
 from compressor.report import Report
 from compressor.stages.base import Settled, Stage
@@ -46,6 +49,7 @@ class QuantizeInt8Stage(Stage):
         wants_ranking = config.min_sqnr_db is not None or config.explain
         self.mixed = MixedPrecision(explain=config.explain) if wants_ranking else None
         self.quantize = QuantizeInt8(config, choose_float=self.mixed)
+        self.fallback = _int16_fallback(config, self.quantize) if config.fallback == "int16" else None
         self.guard: LatencyGuard | None = None
 
     @classmethod
@@ -53,7 +57,10 @@ class QuantizeInt8Stage(Stage):
         return backend.int8_preferences
 
     def passes(self, backend: Backend) -> list[Pass]:
-        return [self.equalize, self.quantize] if self.equalize is not None else [self.quantize]
+        passes: list[Pass] = [self.equalize, self.quantize] if self.equalize is not None else [self.quantize]
+        if self.fallback is not None:
+            passes = [UpgradeOpset(UpgradeOpsetConfig(min_opset=INT16_OPSET)), *passes, self.fallback]
+        return passes
 
     def settle(
         self,
@@ -63,6 +70,8 @@ class QuantizeInt8Stage(Stage):
         float_islands: tuple[str, ...] | None,
         time_islands: bool,
     ) -> Settled:
+        if self.fallback is not None:
+            return Settled(model)  # no float islands for speed: the model stays integer
         if float_islands is not None:
             return self._pinned(model, backend, frozenset(float_islands), context)
         if not (time_islands and backend.times_int8_islands and context.calibration is not None):
@@ -88,6 +97,8 @@ class QuantizeInt8Stage(Stage):
     def report(self, report: Report, backend: Backend) -> None:
         report.kept_float.update(self.quantize.skipped)
         records = {record["name"]: record for record in report.passes}
+        if self.fallback is not None:
+            self._report_fallback(report, records[self.fallback.name])
         if self.equalize is not None:
             record = records[self.equalize.name]
             record["equalized"], record["rejections"] = self.equalize.equalized, self.equalize.rejections
@@ -113,6 +124,15 @@ class QuantizeInt8Stage(Stage):
             record["latency_guard"] = [{"kept_float": list(k), "speedup": x} for k, x in self.guard.history]
             record["latency_guard_untried_islands"] = self.guard.untried
 
+    def _report_fallback(self, report: Report, record: dict) -> None:
+        converted = self.fallback.converted
+        for name in converted:
+            report.kept_float.pop(name, None)
+        record["int16"] = converted
+        left = sorted(report.kept_float)
+        summary = f"int16 fallback: {len(converted)} node(s) int8 left in float run in INT16 dynamic fixed point"
+        report.notes.append(summary + (f"; {len(left)} stay float (the first: {left[0]})" if left else ""))
+
     @property
     def reference_outputs(self) -> Sequence[np.ndarray]:
         return self.quantize.calibrated.outputs if self.quantize.calibrated is not None else ()
@@ -120,6 +140,15 @@ class QuantizeInt8Stage(Stage):
     @property
     def sensitivity(self) -> list[LayerSensitivity]:
         return self.mixed.sensitivity if self.mixed is not None else []
+
+
+def _int16_fallback(config: QuantizeInt8Config, quantize: QuantizeInt8) -> QuantizeInt16:
+    """The int16 pass for what ``quantize`` leaves in float, calibrated like it (int16 has minmax and percentile)."""
+    method = "percentile" if config.calibration == "percentile" else "minmax"
+    settings = QuantizeInt16Config(calibration=method, num_samples=config.num_samples, batch_size=config.batch_size)
+    fallback = QuantizeInt16(settings, select=lambda: frozenset(quantize.skipped))
+    fallback.name = "int16_fallback"
+    return fallback
 
 
 def keep_faster_islands(
