@@ -15,6 +15,7 @@ power-of-two scales, opset 21), once each, calibrated on the model's ``calib.npz
   (x = 32767 * sign(w) for each output's own row): overflow events with whole-row int32 accumulation
   against the provable chunks of `dfp.chunk_length` (which must give none).
 
+The int16 fallback of int8 on EfficientNet-Lite0 beside the float fallback follows (`benchmarks.int16_fallback`).
 Models whose cached files are missing (``benchmarks/cache/<name>/``) are skipped and listed as such. The table is
 printed and written atomically to ``benchmarks/results/int16.md``.
 """
@@ -276,7 +277,14 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exc()
                 rows.append([name, *["—"] * (len(HEADER) - 2), f"error: {type(exc).__name__}: {exc}"])
             print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    text = markdown(rows, passes, args.samples)
+        from benchmarks import int16_fallback  # it builds on this module
+
+        try:
+            fallback = int16_fallback.section(Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - the main table still gets written
+            traceback.print_exc()
+            fallback = [f"The int16 fallback section failed: {type(exc).__name__}: {exc}"]
+    text = markdown(rows, passes, args.samples) + "\n" + "\n".join(fallback) + "\n"
     print(text)
     write_atomically(RESULTS, text)
     print(f"wrote {RESULTS}")
