@@ -1,8 +1,10 @@
-"""The integer reference: a numpy interpreter of an INT16 dynamic-fixed-point (QDQ) model, the oracle.
+"""The integer reference: a numpy interpreter of a quantized (QDQ) model, the oracle.
 
 It runs the model the int16 pass writes (`compressor.passes.quantize_int16`): int16
 QuantizeLinear/DequantizeLinear pairs with power-of-two scales and zero point 0
-around each op. Where onnxruntime dequantizes to float and runs float kernels,
+around each op; and the int8 pass's QDQ form (zero points, float32 scales), the
+model the fused int8 lowering is built from, with int8 products in int32 and
+requantization through a fixed-point multiplier. Where onnxruntime dequantizes to float and runs float kernels,
 this runs what a 16-bit fixed-point target computes (`integer_kernels`): integer
 products in chunked int32 accumulators, int64 sums, and one rounding (nearest,
 ties to even, saturating) at each QuantizeLinear. It counts accumulator
@@ -112,27 +114,26 @@ class IntegerReference:
     def _DequantizeLinear(self, node: onnx.NodeProto, inputs: list, attrs: dict) -> list[Value]:
         data, scale = inputs[0], inputs[1]
         zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros((), data.dtype)
-        exponent = _exponent_of(scale, zero)
+        multiplier, exponent = _scale_parts(scale)
         if exponent.ndim:
             shape = [1] * data.ndim
             shape[attrs.get("axis", 1) % data.ndim] = -1
-            exponent = exponent.reshape(shape)
-        return [Fixed.of(data, exponent)]
+            zero = np.broadcast_to(zero, np.shape(scale))
+            multiplier, exponent, zero = (a.reshape(shape) for a in (multiplier, exponent, zero))
+        return [Fixed.of(data.astype(np.int64) - zero.astype(np.int64), exponent, 1, multiplier)]
 
     def _QuantizeLinear(self, node: onnx.NodeProto, inputs: list, attrs: dict) -> list[Value]:
         value, scale = inputs[0], inputs[1]
         zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros((), np.uint8)
-        exponent = _exponent_of(scale, zero)
+        if np.asarray(scale).ndim:
+            raise KernelError("per-axis QuantizeLinear of an activation")
+        info = np.iinfo(zero.dtype)
         if not isinstance(value, Fixed):  # a float graph input: the one place real numbers enter
-            if exponent.ndim:
-                raise KernelError("per-axis QuantizeLinear of a graph input")
-            rounded = np.rint(np.asarray(value, np.float64) / np.exp2(float(exponent)))
-            info = np.iinfo(zero.dtype)
+            rounded = np.rint(np.asarray(value, np.float32) / np.float32(scale)).astype(np.int64) + int(zero)
             self.stats.saturations += int(np.count_nonzero((rounded < info.min) | (rounded > info.max)))
             return [np.clip(rounded, info.min, info.max).astype(zero.dtype)]
-        if exponent.ndim:
-            raise KernelError("per-axis QuantizeLinear of an activation")
-        quantized, clipped = k.requantize(value, exponent, zero.dtype.type)
+        multiplier, exponent = _scale_parts(scale)
+        quantized, clipped = k.requantize(value, exponent, zero.dtype.type, multiplier, int(zero))
         self.stats.saturations += clipped
         return [quantized]
 
@@ -160,7 +161,7 @@ class IntegerReference:
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             raise KernelError("Gemm with transA or alpha/beta != 1")
         if attrs.get("transB", 0):
-            b = Fixed(b.mantissas.T, b.exponent.T, b.divisor)
+            b = Fixed(b.mantissas.T, b.exponent.T, b.divisor, b.multiplier.T)
         bias = inputs[2] if len(inputs) > 2 else None
         chunk = self._chunk(node, lambda: b.mantissas)
         return [k.matmul(a, b, bias, chunk, self.stats.accumulator)]
@@ -263,14 +264,16 @@ class IntegerReference:
         return [numpy_helper.to_array(attrs["value"])]
 
 
-def _exponent_of(scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """The exponent of a power-of-two scale (zero point 0), else a `KernelError`."""
-    if np.any(zero != 0):
-        raise KernelError("nonzero zero point: not a dynamic-fixed-point tensor")
-    mantissa, exponent = np.frexp(np.asarray(scale, np.float64))
-    if np.any(mantissa != 0.5):
-        raise KernelError(f"scale {np.asarray(scale).flat[0]} is not a power of two")
-    return (exponent - 1).astype(np.int64)
+def _scale_parts(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 scale exactly as ``multiplier * 2**exponent``, the multiplier odd (1 for a power of two)."""
+    scale = np.asarray(scale, np.float32)
+    if np.any(~np.isfinite(scale)) or np.any(scale <= 0):
+        raise KernelError(f"scale {scale.flat[0]} is not a positive finite number")
+    fraction, exponent = np.frexp(scale.astype(np.float64))
+    multiplier = np.rint(fraction * 2**24).astype(np.int64)
+    exponent = exponent.astype(np.int64) - 24
+    trailing = np.log2(multiplier & -multiplier).astype(np.int64)  # strip the significand's trailing zeros
+    return multiplier >> trailing, exponent + trailing
 
 
 def _window(attrs: Mapping[str, object], spatial: int) -> Window:

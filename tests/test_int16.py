@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import compressor
@@ -258,3 +261,80 @@ def test_cli_fallback_needs_int8(tmp_path: Path) -> None:
     code = main([str(DEMO / "demo.onnx"), "--target", "int16", "--fallback", "int16", "--calib", str(DEMO / "demo.npz"),
                  "-o", str(tmp_path / "o.onnx")])  # fmt: skip
     assert code == 2 and not (tmp_path / "o.onnx").exists()
+
+
+def int8_pair(model: onnx.ModelProto | Path | str, calib: Path | str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Our int8 model in QDQ form (what the reference runs) and its fused lowering (what onnxruntime runs)."""
+    from compressor import ir as cir
+
+    result = compressor.compress(model, target="int8", calib=calib, latency_guard=False, measure_latency=False,
+                                 measure_fidelity=False, progress=False)  # fmt: skip
+    return cir.to_proto(result.model), result.lowered
+
+
+def exposed_int8(model: onnx.ModelProto, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """onnxruntime's value of every quantized tensor (QuantizeLinear outputs) of a QDQ ``model``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    probe.graph.output.extend(helper.make_tensor_value_info(n.output[0], inits[n.input[2]].data_type, None)
+                              for n in quantize)  # fmt: skip
+    values = run_onnx(probe, x)[len(model.graph.output) :]
+    return dict(zip([n.output[0] for n in quantize], values, strict=True))
+
+
+def assert_int8_reference_agrees(
+    model: onnx.ModelProto | Path | str, calib: Path | str, x: dict, relative: float = 0.01
+) -> None:
+    qdq, fused = int8_pair(model, calib)
+    reference = IntegerReference(qdq)
+    (oracle,) = reference.run(x)
+    (got,) = run_onnx(fused, x)
+    assert reference.stats.overflows == 0
+    # Op by op, every int8 tensor within one step of onnxruntime's; end to end the logits stay close.
+    assert max(reference.step_differences(x, exposed_int8(qdq, x)).values()) <= 1
+    assert np.abs(oracle - got).max() <= relative * np.abs(got).max()
+    assert (np.argmax(oracle, 1) == np.argmax(got, 1)).mean() >= 0.99
+
+
+def test_the_integer_reference_runs_int8_like_the_fused_lowering(tiny_calib: Path) -> None:
+    # Random weights carry one-step differences further than trained ones: 1.3% of the largest logit here.
+    x = {"input": np.load(tiny_calib)["x"][:16]}
+    assert_int8_reference_agrees(tiny_conv_net(), tiny_calib, x, relative=0.03)
+
+
+@pytest.mark.parametrize("name", ["demo", "resnet", "mobilenetv2", "squeezenet", "shufflenetv2", "vgg"])
+def test_the_integer_reference_runs_int8_on_the_zoo(name: str) -> None:
+    if name == "demo":
+        paths = (DEMO / "demo.onnx", DEMO / "demo.npz", DEMO / "demo.npz")
+    else:
+        try:
+            model = zoo.get(name, build=False)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            pytest.skip(f"{name} is not cached: {exc}")
+        paths = (model.onnx_path, model.calib_path, model.eval_path)
+    x = {ort.InferenceSession(str(paths[0])).get_inputs()[0].name: np.load(paths[2])["x"][:32]}
+    assert_int8_reference_agrees(paths[0], paths[1], x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(2**31), 2**31), st.floats(1e-6, 1e3), st.floats(1e-6, 1e3))
+def test_int8_requantization_is_within_a_tie_of_exact(mantissa: int, scale: float, target: float) -> None:
+    from compressor.backends import integer_kernels as k
+
+    if scale / target >= 2**14:  # int8 requantization ratios are below 1; large ones are refused
+        return
+    source_multiplier, source_exponent = _parts(scale)
+    value = k.Fixed.of(np.array([mantissa]), source_exponent, 1, source_multiplier)
+    multiplier, exponent = _parts(target)
+    got, _ = k.requantize(value, np.asarray(exponent), np.int64, np.asarray(multiplier))
+    exact = Fraction(mantissa) * Fraction(float(np.float32(scale))) / Fraction(float(np.float32(target)))
+    assert abs(int(got[0]) - exact) <= Fraction(1, 2) + abs(exact) * Fraction(1, 2**28)
+
+
+def _parts(scale: float) -> tuple[int, int]:
+    from compressor.backends.integer_reference import _scale_parts
+
+    multiplier, exponent = _scale_parts(np.float32(scale))
+    return int(multiplier), int(exponent)
