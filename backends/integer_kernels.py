@@ -147,17 +147,19 @@ def _fixed_point(value: Fixed, exponent: np.ndarray, multiplier: np.ndarray) -> 
 
 def _exact(value: Fixed, exponent: np.ndarray) -> np.ndarray:
     shift = value.exponent - exponent
-    if np.any(-shift > SHIFT_BITS_MAX - 16):
-        raise KernelError("requantization shift beyond int64")
     up = np.minimum(np.maximum(shift, 0), 46)
     # Shifting up, |m| >= divisor * 2**16 / 2**up saturates whatever it is: clip it there so the shift cannot overflow.
     limit = -(-np.left_shift(value.divisor, 16) >> up)
     mantissas = np.where(up > 0, np.clip(value.mantissas, -limit, limit), value.mantissas)
     numerator = _shift_left(mantissas, up)
     down = np.maximum(-shift, 0)
+    # Shifting down by more than the numerator has bits (channels of near-zero weights at the finest
+    # exponent), the quotient is below 1/4 in magnitude: exactly 0 after rounding.
+    vanishing = down > np.abs(numerator).max(initial=0).item().bit_length() + 1
+    down = np.where(vanishing, 0, down)
     if int(value.divisor.max()).bit_length() + int(down.max(initial=0)) > SHIFT_BITS_MAX:
         raise KernelError("requantization shift beyond int64")
-    return dfp.round_divide(numerator, np.left_shift(value.divisor, down))
+    return np.where(vanishing, 0, dfp.round_divide(numerator, np.left_shift(value.divisor, down)))
 
 
 def add(a: Fixed, b: Fixed, subtract: bool = False) -> Fixed:
