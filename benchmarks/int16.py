@@ -51,7 +51,8 @@ HEADER = (
     "model", "top-1 fp32", "top-1 int8", "top-1 int16", "top-1 int16 ref (fp32 same samples)", "SQNR int8 dB",
     "SQNR int16 dB", "× smaller int8", "× smaller int16", "int16/fp32 size", "speed-up int8 b1", "speed-up int16 b1",
     "ref overflows", "ref saturations", "ref vs ORT e2e steps", "ref vs ORT per-op steps", "max reduction",
-    "adv. layers overflowing", "adv. overflows whole-row", "adv. overflows chunked", "note",
+    "adv. layers overflowing", "adv. overflows whole-row", "adv. overflows chunked", "int8 ref vs fused per-op steps",
+    "int8 ref vs fused top-1 agreement", "note",
 )  # fmt: skip
 
 
@@ -114,6 +115,35 @@ def exposed(model: onnx.ModelProto, name: str, x: np.ndarray) -> tuple[np.ndarra
     probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.INT16, None) for n in names)
     values = runtime.make_session(probe, options=options()).run(None, {name: x})
     return values[0], dict(zip(names, values[len(model.graph.output) :], strict=True))
+
+
+def int8_reference(model_path: Path, calib: Path, name: str, x: np.ndarray) -> tuple[int, float]:
+    """The integer reference on our int8 QDQ model (latency guard off: every island int8) against the fused
+    lowering onnxruntime runs: the largest per-op step difference, and top-1 agreement of the logits."""
+    from compressor import ir as cir
+
+    result = compressor.compress(model_path, target="int8", calib=calib, latency_guard=False, measure_latency=False,
+                                 measure_fidelity=False, progress=False)  # fmt: skip
+    qdq = cir.to_proto(result.model)
+    inits = {t.name: t for t in qdq.graph.initializer}
+    quantize = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq)
+    probe.graph.output.extend(helper.make_tensor_value_info(n.output[0], inits[n.input[2]].data_type, None)
+                              for n in quantize)  # fmt: skip
+    probe_session = runtime.make_session(probe, options=options())
+    fused = runtime.make_session(result.lowered, options=options())
+    per_op, agree = 0, []
+    for i in range(0, len(x), REF_BATCH):
+        feeds = {name: x[i : i + REF_BATCH]}
+        values = probe_session.run(None, feeds)[len(qdq.graph.output) :]
+        observed = dict(zip([n.output[0] for n in quantize], values, strict=True))
+        reference = IntegerReference(qdq)
+        steps = reference.step_differences(feeds, observed)
+        per_op = max(per_op, max(steps.values(), default=0))
+        oracle = reference.run(feeds)[0]
+        agree.append(np.argmax(oracle, -1) == np.argmax(fused.run(None, feeds)[0], -1))
+    return per_op, 100.0 * float(np.mean(np.concatenate(agree)))
 
 
 def reduction_rows(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -191,6 +221,7 @@ def measure(name: str, samples: int, folder: Path) -> dict[str, object]:
         steps = probe.step_differences({input_name: x[i : i + REF_BATCH]}, observed)
         per_op = max(per_op, max(steps.values(), default=0))
     adv_layers, adv_whole, adv_chunked = adversarial(lowered)
+    int8_steps, int8_agree = int8_reference(model_path, calib, input_name, x[:n])
 
     acc = {"fp32": top1(fp32, y), "int8": top1(int8, y), "int16": top1(int16, y)}
     sqnr = {"int8": sqnr_db(fp32, int8), "int16": sqnr_db(fp32, int16)}
@@ -200,7 +231,8 @@ def measure(name: str, samples: int, folder: Path) -> dict[str, object]:
         f"{top1(oracle, y[:n]):.2f}% ({top1(fp32[:n], y[:n]):.2f}%, n={n})", f"{sqnr['int8']:.1f}",
         f"{sqnr['int16']:.1f}", f"{fp32_bytes / built['int8'][1]:.2f}×", f"{fp32_bytes / built['int16'][1]:.2f}×",
         f"{ratio16:.3f}", f"{lat[0] / lat[1]:.2f}×", f"{lat[0] / lat[2]:.2f}×", str(overflows), str(saturations),
-        f"{e2e:.0f}", str(per_op), str(reduction), str(adv_layers), str(adv_whole), str(adv_chunked), "",
+        f"{e2e:.0f}", str(per_op), str(reduction), str(adv_layers), str(adv_whole), str(adv_chunked), str(int8_steps),
+        f"{int8_agree:.1f}%", "",
     ]  # fmt: skip
     passes = {
         "top-1": abs(acc["fp32"] - acc["int16"]) <= 0.05,
@@ -230,7 +262,9 @@ def markdown(rows: list[list[str]], passes: dict[str, dict[str, bool]], samples:
         "steps of the output's DequantizeLinear scale. per-op steps: max of `step_differences` (each op fed "
         "onnxruntime's own int16 inputs). max reduction: the longest Conv in/g·k·k or Gemm/MatMul K. adv.: per "
         "weighted layer, each output's own adversarial row x = 32767·sign(w): layers with any overflow when the "
-        "whole row is summed in one int32, the overflow events so, and the events with `dfp.chunk_length` chunks.",
+        "whole row is summed in one int32, the overflow events so, and the events with `dfp.chunk_length` chunks. "
+        "int8 ref vs fused: the reference on our int8 QDQ model (latency guard off) against onnxruntime: the largest "
+        "per-op difference in int8 steps, and top-1 agreement with the fused lowering's logits, on the same samples.",
         "",
         f"Machine: {os.cpu_count()} cores; onnxruntime {ort.__version__}; {when}.",
         "",
